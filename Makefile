@@ -1,0 +1,56 @@
+# The one entry point: `make run` serves with the embedded defaults, `make test` is what CI runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+RUST_SRC := $(wildcard rust/src/*.rs) Cargo.toml Cargo.lock
+
+.PHONY: run build test lint format bench bench-load clean help
+
+help:
+	@echo "make run    - build and serve on HOST:PORT (default 127.0.0.1:5000) with the embedded defaults"
+	@echo "make test   - build, lint, cargo test, pytest (what CI runs)"
+	@echo "make lint   - ruff, cargo fmt --check, cargo clippy -D warnings, stub check"
+	@echo "make format - ruff format + cargo fmt"
+	@echo "make bench  - micro benches (native vs Python)"
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "maturin>=1.7,<2"
+	touch $@
+
+# maturin develop installs the project's dependencies (and the dev extras) and the extension,
+# with python/ linked in place so that Python edits need no rebuild.
+$(VENV)/.built: $(VENV)/.deps $(RUST_SRC)
+	$(VENV)/bin/maturin develop --release --extras dev -q
+	touch $@
+
+build: $(VENV)/.built
+
+run: build
+	$(VENV)/bin/pwachat serve
+
+lint: build
+	$(VENV)/bin/ruff format --check python tests benches
+	$(VENV)/bin/ruff check python tests benches
+	cargo fmt --check
+	cargo clippy --all-targets --quiet -- -D warnings
+	$(PY) -m mypy.stubtest pwachat._native
+
+format: build
+	$(VENV)/bin/ruff format python tests benches
+	$(VENV)/bin/ruff check --fix python tests benches
+	cargo fmt
+
+test: build lint
+	cargo test --quiet
+	$(PY) -m pytest -q
+
+bench: build
+	$(PY) -m pytest benches --benchmark-only --benchmark-columns=min,median,mean,ops,rounds -q
+
+clean:
+	rm -rf target $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis .benchmarks

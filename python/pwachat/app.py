@@ -1,0 +1,86 @@
+"""`create_app(settings)`: builds the Litestar app; everything with a lifetime is made in `lifespan`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar
+from litestar.config.cors import CORSConfig
+from litestar.openapi import OpenAPIConfig
+
+from pwachat import __version__
+from pwachat.errors import exception_handlers
+from pwachat.logging import setup_logging
+from pwachat.providers import build_providers
+from pwachat.ratelimit import create_backend, policy_header
+from pwachat.routes import api_router
+from pwachat.security import EdgeMiddleware
+from pwachat.services import Services
+from pwachat.settings import Settings
+
+__all__ = ["create_app", "create_app_from_env"]
+
+EXPOSED_HEADERS = [
+    "X-Request-ID",
+    "Retry-After",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "RateLimit",
+    "RateLimit-Policy",
+]
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings if settings is not None else Settings.from_env()
+    setup_logging(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        providers = build_providers(settings)
+        limiter = create_backend(settings)
+        app.state.services = Services(
+            settings=settings,
+            providers=providers,
+            limiter=limiter,
+            policy=policy_header(settings),
+            tokens=tuple(t.encode() for t in settings.api_tokens),
+            networks=settings.proxy_networks,
+        )
+        try:
+            yield
+        finally:
+            await providers.aclose()
+            await limiter.aclose()
+
+    cors = None
+    if settings.cors_origins:
+        cors = CORSConfig(
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
+            expose_headers=EXPOSED_HEADERS,
+            allow_credentials=False,
+            max_age=600,
+        )
+
+    app = Litestar(
+        route_handlers=[api_router()],
+        lifespan=[lifespan],
+        exception_handlers=exception_handlers,
+        cors_config=cors,
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="pwachat", version=__version__, path="/api/schema"),
+        debug=False,
+        logging_config=None,  # ours (pwachat.logging) is already in place
+    )
+    # Outside the router on purpose: 404/405s and CORS answers get the request id, the security
+    # headers, the HTTPS rule and the access log line too (route middleware only sees routed requests).
+    app.asgi_handler = EdgeMiddleware(app.asgi_handler, settings)
+    return app
+
+
+def create_app_from_env() -> Litestar:
+    """The factory Granian calls in each worker process."""
+    return create_app(Settings.from_env())

@@ -1,0 +1,70 @@
+"""`pwachat serve`: validate the configuration once, then run Granian with the Litestar app."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pwachat.settings import ConfigError, Settings
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pwachat", description="The backend a chat PWA talks to.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the API with Granian")
+    serve.add_argument("--host", help="listen address (default: HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default: PORT or 5000)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: WORKERS or 1)")
+    serve.add_argument("--reload", action="store_true", help="restart on code changes (development)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as err:
+        print(f"pwachat: configuration error: {err}", file=sys.stderr)
+        return 2
+    return serve(settings, args)
+
+
+def serve(settings: Settings, args: argparse.Namespace) -> int:
+    from granian import Granian  # noqa: PLC0415  (keep `--help` and config errors fast)
+    from granian.constants import Interfaces  # noqa: PLC0415
+
+    from pwachat.logging import setup_logging  # noqa: PLC0415
+
+    setup_logging(settings)
+    host = args.host or settings.host
+    port = args.port or settings.port
+    workers = args.workers or settings.workers
+    if port < 1 or port > 65535 or workers < 1:
+        print("pwachat: --port must be 1..65535 and --workers >= 1", file=sys.stderr)
+        return 2
+    Granian(
+        "pwachat.app:create_app_from_env",
+        factory=True,
+        interface=Interfaces.ASGI,
+        address=host,
+        port=port,
+        workers=workers,
+        reload=args.reload,
+        log_access=False,
+        log_level=settings.log_level.lower(),
+        # Granian's own lines (start-up, worker spawns) as JSON too, like everything else on stdout.
+        log_dictconfig={
+            "formatters": {
+                "generic": {"()": "pwachat.logging.JsonFormatter"},
+                "access": {"()": "pwachat.logging.JsonFormatter"},
+            }
+        },
+        websockets=False,
+    ).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""The providers this process can serve, and how a request's `provider` / `model` pick one."""
+
+from __future__ import annotations
+
+from pwachat.errors import ApiError
+from pwachat.providers.base import (
+    ChatInput,
+    Completion,
+    Provider,
+    ProviderError,
+    ProviderNotConfigured,
+    ProviderStream,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+)
+from pwachat.settings import PROVIDER_ALIASES, Settings
+
+__all__ = [
+    "ChatInput",
+    "Completion",
+    "Provider",
+    "ProviderError",
+    "ProviderStream",
+    "Providers",
+    "UpstreamError",
+    "UpstreamRateLimited",
+    "UpstreamTimeout",
+    "build_providers",
+]
+
+LABELS = {"openai": "OpenAI", "claude": "Anthropic", "echo": "Echo (offline)"}
+
+
+class UnknownProvider(ApiError):
+    status = 400
+    code = "unknown_provider"
+
+
+class UnknownModel(ApiError):
+    status = 400
+    code = "unknown_model"
+
+
+class Providers:
+    """Every known provider by canonical name; `serving` are those that can answer now."""
+
+    def __init__(self, settings: Settings, serving: dict[str, Provider]) -> None:
+        self.settings = settings
+        self.serving = serving
+        self.default = settings.default_provider if settings.default_provider in serving else None
+        self.models = settings.provider_models
+        # model id -> the first serving provider offering it (a model never names two providers' ids)
+        self.by_model: dict[str, str] = {}
+        for name in ("openai", "claude", "echo"):
+            for model in self.models[name]:
+                self.by_model.setdefault(model, name)
+
+    def known(self, name: str) -> bool:
+        # `echo` switched off is not a provider at all for clients (400 unknown_provider).
+        return name in ("openai", "claude") or (name == "echo" and self.settings.echo_provider)
+
+    def resolve(self, provider: str | None, model: str | None) -> tuple[Provider, str]:
+        if provider is not None:
+            name = PROVIDER_ALIASES.get(provider.lower())
+            if name is None or not self.known(name):
+                raise UnknownProvider("Unknown provider; see /api/models for the ones offered")
+        elif model is not None:
+            name = self.by_model.get(model)
+            if name is None or not self.known(name):
+                raise UnknownModel("Unknown model; see /api/models for the ones offered")
+        else:
+            name = self.default
+            if name is None:
+                raise ProviderNotConfigured("No provider is configured")
+        served = self.serving.get(name)
+        if served is None:
+            raise ProviderNotConfigured(f"{LABELS[name]} API key not configured")
+        if model is None:
+            return served, served.models[0]
+        if model not in served.models:
+            raise UnknownModel("Unknown model for this provider; see /api/models for the ones offered")
+        return served, model
+
+    async def aclose(self) -> None:
+        for provider in self.serving.values():
+            await provider.aclose()
+
+
+def build_providers(settings: Settings) -> Providers:
+    """Make one client per configured provider; called in the app's lifespan, closed at shutdown."""
+    serving: dict[str, Provider] = {}
+    if settings.openai_api_key:
+        from pwachat.providers.openai import OpenAIProvider  # noqa: PLC0415
+
+        serving["openai"] = OpenAIProvider(settings)
+    if settings.anthropic_api_key:
+        from pwachat.providers.anthropic import AnthropicProvider  # noqa: PLC0415
+
+        serving["claude"] = AnthropicProvider(settings)
+    if settings.echo_provider:
+        from pwachat.providers.echo import EchoProvider  # noqa: PLC0415
+
+        serving["echo"] = EchoProvider()
+    return Providers(settings, serving)

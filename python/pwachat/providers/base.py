@@ -1,0 +1,122 @@
+"""The one small interface every provider implements, and the errors they may raise.
+
+A provider turns a validated `ChatInput` into either a whole `Completion` (`complete`) or an open
+`ProviderStream` (`open_stream`). `open_stream` returns once the upstream has answered its response
+head, so that the route can still answer an early failure as plain JSON; the stream then yields text
+deltas and exposes `finish_reason` and `usage` when it is exhausted. Providers map their own
+failures to the `ProviderError` subclasses below inside their own module; the routes never see an
+SDK or transport exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import msgspec
+
+from pwachat.errors import ApiError
+
+__all__ = [
+    "ChatInput",
+    "Completion",
+    "Provider",
+    "ProviderError",
+    "ProviderNotConfigured",
+    "ProviderStream",
+    "UpstreamError",
+    "UpstreamRateLimited",
+    "UpstreamTimeout",
+    "normalise_finish_reason",
+]
+
+
+class ChatInput(msgspec.Struct, frozen=True):
+    """A request as a provider sees it: sanitised, bounded, defaults applied."""
+
+    model: str
+    system: str
+    history: list[tuple[str, str]]  # (role, content), oldest first
+    message: str
+    temperature: float
+    max_tokens: int
+
+
+class Completion(msgspec.Struct, frozen=True):
+    text: str
+    finish_reason: str
+    input_tokens: int
+    output_tokens: int
+
+
+class ProviderError(ApiError):
+    status = 502
+    code = "upstream_error"
+
+
+class UpstreamError(ProviderError):
+    status = 502
+    code = "upstream_error"
+
+
+class UpstreamRateLimited(ProviderError):
+    status = 503
+    code = "upstream_rate_limited"
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)} if retry_after else None)
+        self.retry_after = retry_after
+
+
+class UpstreamTimeout(ProviderError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class ProviderNotConfigured(ProviderError):
+    status = 503
+    code = "provider_not_configured"
+
+
+_FINISH = {
+    "stop": "stop",
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "tool_use": "stop",
+    "tool_calls": "stop",
+    "function_call": "stop",
+    "length": "length",
+    "max_tokens": "length",
+    "content_filter": "content_filter",
+    "refusal": "content_filter",
+}
+
+
+def normalise_finish_reason(raw: str | None) -> str:
+    """The contract's three spellings, whatever the provider's own."""
+    return _FINISH.get(raw or "stop", "stop")
+
+
+class ProviderStream(Protocol):
+    """An answered upstream stream: iterate for text deltas, then read the totals."""
+
+    finish_reason: str
+    input_tokens: int
+    output_tokens: int
+
+    def __aiter__(self) -> AsyncIterator[str]: ...
+
+    async def aclose(self) -> None:
+        """Stop reading and release the upstream connection (idempotent)."""
+
+
+class Provider(Protocol):
+    name: str  # the canonical name: "openai", "claude" or "echo"
+    label: str  # human name for /api/models and messages
+    models: tuple[str, ...]  # the first is the default
+
+    async def complete(self, chat: ChatInput) -> Completion: ...
+
+    async def open_stream(self, chat: ChatInput) -> ProviderStream: ...
+
+    async def aclose(self) -> None: ...

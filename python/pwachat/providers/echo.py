@@ -1,0 +1,71 @@
+"""The offline provider: answers `You said: <message>` in word-sized deltas, no key, no network.
+
+It goes through exactly the same route, limits, framing and logging as the real providers, so it
+is what `make run` serves with no keys and what the load bench drives.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+from pwachat.providers.base import ChatInput, Completion
+
+__all__ = ["EchoProvider"]
+
+# A word and the white space after it, so that joining the pieces gives back the whole answer.
+_PIECES = re.compile(r"\s*\S+\s*|\s+")
+_WORDS = re.compile(r"\S+")
+
+
+def _answer(chat: ChatInput) -> str:
+    return f"You said: {chat.message}"
+
+
+def _input_tokens(chat: ChatInput) -> int:
+    return sum(len(_WORDS.findall(t)) for t in (chat.system, chat.message, *(c for _, c in chat.history)))
+
+
+def _pieces(text: str, max_tokens: int) -> tuple[list[str], str]:
+    pieces = _PIECES.findall(text)
+    if len(pieces) > max_tokens:
+        return pieces[:max_tokens], "length"
+    return pieces, "stop"
+
+
+class EchoStream:
+    def __init__(self, pieces: list[str], finish_reason: str, input_tokens: int) -> None:
+        self._pieces = pieces
+        self.finish_reason = finish_reason
+        self.input_tokens = input_tokens
+        self.output_tokens = 0
+
+    async def _gen(self) -> AsyncIterator[str]:
+        for piece in self._pieces:
+            self.output_tokens += 1
+            yield piece
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._gen()
+
+    async def aclose(self) -> None:
+        self._pieces = []
+
+
+class EchoProvider:
+    name = "echo"
+    label = "Echo (offline)"
+
+    def __init__(self) -> None:
+        self.models = ("echo",)
+
+    async def complete(self, chat: ChatInput) -> Completion:
+        pieces, finish = _pieces(_answer(chat), chat.max_tokens)
+        return Completion("".join(pieces), finish, _input_tokens(chat), len(pieces))
+
+    async def open_stream(self, chat: ChatInput) -> EchoStream:
+        pieces, finish = _pieces(_answer(chat), chat.max_tokens)
+        return EchoStream(pieces, finish, _input_tokens(chat))
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,116 @@
+"""Rate limiting: who the caller is, the backend that counts, and the headers that tell them.
+
+The counting itself is the native sliding-window limiter (`pwachat._native.RateLimiter`): three
+windows checked and consumed atomically, a refused request consuming nothing. `memory://` uses it
+alone; a Redis backend plugs in behind the same `RateLimitBackend` interface.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Protocol
+
+from pwachat._native import Decision, RateLimiter
+from pwachat.errors import ApiError
+from pwachat.settings import Settings
+
+__all__ = [
+    "WINDOW_NAMES",
+    "MemoryBackend",
+    "RateLimitBackend",
+    "RateLimited",
+    "caller_key",
+    "create_backend",
+    "rate_limit_headers",
+]
+
+WINDOW_NAMES = {60: "minute", 3600: "hour", 86400: "day"}
+
+
+class RateLimited(ApiError):
+    status = 429
+    code = "rate_limited"
+
+
+class RateLimitBackend(Protocol):
+    name: str  # "memory" or "redis", as /api/health and /api/rate-limit report it
+
+    async def hit(self, key: str) -> Decision:
+        """Check and, when admitted, consume one request in every window."""
+
+    async def peek(self, key: str) -> Decision:
+        """The caller's current state; consumes nothing."""
+
+    def redis_state(self) -> str:
+        """`disabled`, `ok` or `unavailable`."""
+
+    async def aclose(self) -> None: ...
+
+
+def windows_of(settings: Settings) -> list[tuple[int, int]]:
+    return [
+        (settings.ratelimit_per_minute, 60),
+        (settings.ratelimit_per_hour, 3600),
+        (settings.ratelimit_per_day, 86400),
+    ]
+
+
+class MemoryBackend:
+    """One process's limiter; exact within that process, nothing shared."""
+
+    name = "memory"
+
+    def __init__(self, settings: Settings, max_keys: int = 100_000) -> None:
+        self.limiter = RateLimiter(windows_of(settings), max_keys=max_keys)
+
+    async def hit(self, key: str) -> Decision:
+        return self.limiter.check(key)
+
+    async def peek(self, key: str) -> Decision:
+        return self.limiter.peek(key)
+
+    def redis_state(self) -> str:
+        return "disabled"
+
+    async def aclose(self) -> None:
+        return None
+
+
+def create_backend(settings: Settings) -> RateLimitBackend:
+    if settings.redis_url == "memory://":
+        return MemoryBackend(settings)
+    from pwachat.redis_limiter import RedisBackend  # noqa: PLC0415  (only loaded when configured)
+
+    return RedisBackend(settings)
+
+
+def caller_key(client_ip: str, token: str | None) -> str:
+    """The quota key: a token's digest (never the token itself, which may end up in Redis) or the IP."""
+    if token is not None:
+        return "t:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+    return "ip:" + client_ip
+
+
+def policy_header(settings: Settings) -> str:
+    return ", ".join(f'"{WINDOW_NAMES[w]}";q={q};w={w}' for q, w in windows_of(settings))
+
+
+def rate_limit_headers(decision: Decision, policy: str) -> dict[str, str]:
+    headers = {
+        "X-RateLimit-Limit": str(decision.limit),
+        "X-RateLimit-Remaining": str(decision.remaining),
+        "X-RateLimit-Reset": str(decision.reset_s),
+        "RateLimit-Policy": policy,
+        "RateLimit": f'"{WINDOW_NAMES[decision.window_s]}";r={decision.remaining};t={decision.reset_s}',
+    }
+    if not decision.allowed:
+        headers["Retry-After"] = str(decision.retry_after)
+    return headers
+
+
+def refusal(decision: Decision, policy: str) -> RateLimited:
+    name = WINDOW_NAMES[decision.window_s]
+    return RateLimited(
+        f"Rate limit exceeded: {decision.limit} per 1 {name}",
+        headers=rate_limit_headers(decision, policy),
+    )

@@ -1,0 +1,51 @@
+"""GET /api/health, /api/health/live, /api/health/ready: never rate-limited, never need a token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Response, get
+from litestar.datastructures import State
+
+from pwachat import __version__
+from pwachat.errors import error_bytes
+from pwachat.schemas import HealthResponse, ProviderHealth, RateLimitHealth, StatusResponse
+from pwachat.services import Services
+
+__all__ = ["health", "live", "ready"]
+
+
+@get("/health", summary="Health and configuration summary")
+async def health(state: State) -> HealthResponse:
+    svc: Services = state.services
+    settings = svc.settings
+    providers = {
+        name: ProviderHealth(
+            configured=name in svc.providers.serving,
+            models=len(models) if name in svc.providers.serving else 0,
+        )
+        for name, models in svc.providers.models.items()
+    }
+    redis = svc.limiter.redis_state()
+    real = any(name in svc.providers.serving for name in ("openai", "claude"))
+    return HealthResponse(
+        status="ok" if real and redis != "unavailable" else "degraded",
+        version=__version__,
+        environment=settings.app_env,
+        providers=providers,
+        rate_limit=RateLimitHealth(backend=svc.limiter.name, redis=redis),
+    )
+
+
+@get("/health/live", summary="Liveness: the process serves")
+async def live() -> StatusResponse:
+    return StatusResponse("ok")
+
+
+@get("/health/ready", summary="Readiness: at least one provider can serve")
+async def ready(request: Any, state: State) -> Response[Any]:
+    svc: Services = state.services
+    if svc.providers.serving:
+        return Response(StatusResponse("ok"))
+    body = error_bytes("provider_not_configured", "No provider is configured", request.scope["state"]["request_id"])
+    return Response(body, status_code=503, media_type="application/json")

@@ -1,0 +1,31 @@
+"""GET /api/rate-limit: the caller's own quota, read from the same state the limiter uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response, get
+from litestar.datastructures import State
+
+from pwachat.ratelimit import caller_key
+from pwachat.routes.auth import authorize
+from pwachat.schemas import RateLimitResponse, WindowCounts
+from pwachat.security import client_ip
+from pwachat.services import Services
+
+__all__ = ["rate_limit"]
+
+
+@get("/rate-limit", summary="The caller's rate-limit state (not itself limited)")
+async def rate_limit(request: Request[Any, Any, Any], state: State) -> Response[RateLimitResponse]:
+    svc: Services = state.services
+    token = authorize(request.scope, svc)
+    decision = await svc.limiter.peek(caller_key(client_ip(request.scope, svc.networks), token))
+    w = decision.windows
+    body = RateLimitResponse(
+        backend=svc.limiter.name,
+        limits=WindowCounts(w[0].limit, w[1].limit, w[2].limit),
+        remaining=WindowCounts(w[0].remaining, w[1].remaining, w[2].remaining),
+        reset_s=WindowCounts(w[0].reset_s, w[1].reset_s, w[2].reset_s),
+    )
+    return Response(body)

@@ -1,0 +1,211 @@
+"""What wraps every request: its id, security headers, HTTPS in production, the access log line;
+plus the caller's identity (client IP behind trusted proxies, bearer tokens).
+
+`EdgeMiddleware` sits outside Litestar's router (see `app.py`), so 404s, 405s and CORS answers get
+the same headers and log line as everything else. It is plain ASGI on purpose: one pass over the
+headers, precomputed header lists, no per-request objects beyond what it must keep.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from pwachat.errors import ApiError, error_bytes
+from pwachat.logging import access_log
+from pwachat.settings import IPNetwork, Settings
+
+__all__ = ["EdgeMiddleware", "Unauthorized", "bearer_token", "check_token", "client_ip"]
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+JSON_CSP = b"default-src 'none'; frame-ancestors 'none'"
+log = logging.getLogger("pwachat.security")
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self) -> None:
+        super().__init__("A valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+
+
+def new_request_id() -> str:
+    return os.urandom(12).hex()
+
+
+def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+def _trusted(addr: str, networks: Iterable[IPNetwork]) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def client_ip(scope: dict[str, Any], networks: tuple[IPNetwork, ...]) -> str:
+    """The socket peer; behind a trusted proxy, the right-most forwarded address not itself trusted."""
+    client = scope.get("client")
+    peer = client[0] if client else "unknown"
+    if not networks or not _trusted(peer, networks):
+        return peer
+    forwarded = [
+        v.decode("latin-1") for k, v in scope["headers"] if k == b"x-forwarded-for"
+    ]  # several headers count as one comma list, in order
+    hops = [h.strip() for h in ",".join(forwarded).split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, networks):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer  # garbage from a trusted proxy: fall back to the proxy itself
+    return peer
+
+
+def request_scheme(scope: dict[str, Any], networks: tuple[IPNetwork, ...]) -> str:
+    scheme = scope.get("scheme", "http")
+    if networks:
+        client = scope.get("client")
+        if client and _trusted(client[0], networks):
+            proto = _header(scope, b"x-forwarded-proto")
+            if proto:
+                # The first value is the one the client used with the outermost proxy.
+                scheme = proto.decode("latin-1").split(",")[0].strip().lower()
+    return scheme
+
+
+def bearer_token(scope: dict[str, Any]) -> str | None:
+    value = _header(scope, b"authorization")
+    if not value:
+        return None
+    scheme, _, token = value.decode("latin-1").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def check_token(token: str | None, accepted: tuple[bytes, ...]) -> bool:
+    if token is None:
+        return False
+    candidate = token.encode("utf-8", "surrogateescape")
+    # Compare against every accepted token so the time taken does not tell which one was close.
+    found = False
+    for good in accepted:
+        found |= hmac.compare_digest(candidate, good)
+    return found
+
+
+class EdgeMiddleware:
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.production = settings.production
+        self.networks = settings.proxy_networks
+        common = [
+            (b"x-content-type-options", b"nosniff"),
+            (b"referrer-policy", b"no-referrer"),
+            (b"x-frame-options", b"DENY"),
+            (b"cross-origin-opener-policy", b"same-origin"),
+        ]
+        if self.production:
+            common.append((b"strict-transport-security", b"max-age=63072000; includeSubDomains"))
+        self.common = common
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        rid_raw = _header(scope, b"x-request-id")
+        rid = rid_raw.decode("latin-1") if rid_raw else ""
+        if not _REQUEST_ID.fullmatch(rid):
+            rid = new_request_id()
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        fields: dict[str, Any] = {}
+        state["log"] = fields
+        status = 0
+        extra_headers = [*self.common, (b"x-request-id", rid.encode())]
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"server"]
+                names = {k.lower() for k, _ in headers}
+                headers.extend(extra_headers)
+                if b"content-security-policy" not in names:
+                    headers.append((b"content-security-policy", JSON_CSP))
+                if b"cache-control" not in names:
+                    ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+                    if ctype.startswith(b"application/json"):
+                        headers.append((b"cache-control", b"no-store"))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            if self.production and not scope["path"].startswith("/api/health"):
+                if request_scheme(scope, self.networks) != "https":
+                    await self._refuse_http(scope, rid, send_wrapper)
+                    return
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            fields.update(
+                request_id=rid,
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
+            access_log.info("request", extra=fields)
+
+    async def _refuse_http(self, scope: dict[str, Any], rid: str, send: Any) -> None:
+        if scope["method"] in ("GET", "HEAD"):
+            host = (_header(scope, b"host") or b"").decode("latin-1")
+            if not _valid_host(host):
+                host = ""
+            qs = scope.get("query_string", b"").decode("latin-1")
+            target = f"https://{host}{scope.get('raw_path', b'').decode('latin-1') or scope['path']}"
+            if qs and "?" not in target:
+                target += f"?{qs}"
+            if host:
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 308,
+                        "headers": [(b"location", target.encode("latin-1")), (b"content-length", b"0")],
+                    }
+                )
+                await send({"type": "http.response.body", "body": b""})
+                return
+        body = error_bytes("https_required", "HTTPS is required", rid)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 403,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+_HOST = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
+
+
+def _valid_host(host: str) -> bool:
+    # A Host header is echoed into Location, so only plain host[:port] forms are used.
+    return bool(_HOST.fullmatch(host))

@@ -1,0 +1,262 @@
+"""Configuration: one frozen object, read once from the environment (and `.env`), validated at start-up.
+
+Every other module receives a `Settings`; none reads `os.environ`. A bad value raises `ConfigError`
+whose message is one line naming the variable, which the CLI prints before exiting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+from dotenv import dotenv_values
+
+__all__ = ["PROVIDER_ALIASES", "ConfigError", "Settings"]
+
+T = TypeVar("T")
+
+DEFAULT_OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini")
+DEFAULT_ANTHROPIC_MODELS = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1")
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and concisely."
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+#: Every spelling a client may use for a provider, to the one name responses and logs use.
+PROVIDER_ALIASES = {"openai": "openai", "claude": "claude", "anthropic": "claude", "echo": "echo"}
+
+_ON = {"1", "true", "yes", "on"}
+_OFF = {"0", "false", "no", "off"}
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or wrong; the message names the variable."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    app_env: Literal["development", "production"] = "development"
+    secret_key: str = ""
+    host: str = "127.0.0.1"
+    port: int = 5000
+    workers: int = 1
+
+    openai_api_key: str | None = None
+    openai_base_url: str | None = None
+    openai_models: tuple[str, ...] = DEFAULT_OPENAI_MODELS
+    anthropic_api_key: str | None = None
+    anthropic_base_url: str | None = None
+    anthropic_models: tuple[str, ...] = DEFAULT_ANTHROPIC_MODELS
+    default_provider: str | None = None
+    echo_provider: bool = True
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+    redis_url: str = "memory://"
+    ratelimit_per_minute: int = 10
+    ratelimit_per_hour: int = 100
+    ratelimit_per_day: int = 500
+    api_tokens: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+
+    max_tokens: int = 1000
+    temperature: float = 0.7
+    max_message_chars: int = 4000
+    max_history_messages: int = 50
+    max_body_bytes: int = 262_144
+    upstream_timeout_s: float = 60.0
+    sse_heartbeat_s: float = 15.0
+
+    log_level: str = "INFO"
+    log_file: str | None = "logs/app.log"
+
+    @property
+    def production(self) -> bool:
+        return self.app_env == "production"
+
+    @property
+    def proxy_networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies)
+
+    @property
+    def provider_models(self) -> dict[str, tuple[str, ...]]:
+        return {"openai": self.openai_models, "claude": self.anthropic_models, "echo": ("echo",)}
+
+    def provider_configured(self, name: str) -> bool:
+        if name == "openai":
+            return bool(self.openai_api_key)
+        if name == "claude":
+            return bool(self.anthropic_api_key)
+        return name == "echo" and self.echo_provider
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
+    ) -> Settings:
+        """Read the process environment, falling back to `env_file`; the environment wins."""
+        merged: dict[str, str] = {}
+        if env_file is not None and Path(env_file).is_file():
+            merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        merged.update(os.environ if environ is None else environ)
+        return cls.from_mapping(merged)
+
+    @classmethod
+    def from_mapping(cls, env: Mapping[str, str]) -> Settings:
+        r = _Reader(env)
+        app_env = r.choice("APP_ENV", ("development", "production"), None, alias="FLASK_ENV")
+        app_env = app_env or "development"
+        production = app_env == "production"
+
+        secret_key = r.str("SECRET_KEY")
+        if not secret_key:
+            if production:
+                raise ConfigError("SECRET_KEY: must be set when APP_ENV=production")
+            secret_key = secrets.token_urlsafe(32)
+
+        s = cls(
+            app_env=app_env,  # type: ignore[arg-type]
+            secret_key=secret_key,
+            host=r.str("HOST") or "127.0.0.1",
+            port=r.int("PORT", 5000, lo=1, hi=65535),
+            workers=r.int("WORKERS", 1, lo=1, hi=512),
+            openai_api_key=r.str("OPENAI_API_KEY"),
+            openai_base_url=r.url("OPENAI_BASE_URL"),
+            openai_models=r.list("OPENAI_MODELS") or DEFAULT_OPENAI_MODELS,
+            anthropic_api_key=r.str("ANTHROPIC_API_KEY"),
+            anthropic_base_url=r.url("ANTHROPIC_BASE_URL"),
+            anthropic_models=r.list("ANTHROPIC_MODELS") or DEFAULT_ANTHROPIC_MODELS,
+            default_provider=r.choice("DEFAULT_PROVIDER", tuple(PROVIDER_ALIASES), None),
+            echo_provider=r.bool("ECHO_PROVIDER", not production),
+            system_prompt=r.str("SYSTEM_PROMPT") or DEFAULT_SYSTEM_PROMPT,
+            redis_url=r.redis_url("REDIS_URL"),
+            ratelimit_per_minute=r.int("RATELIMIT_PER_MINUTE", 10, lo=1),
+            ratelimit_per_hour=r.int("RATELIMIT_PER_HOUR", 100, lo=1),
+            ratelimit_per_day=r.int("RATELIMIT_PER_DAY", 500, lo=1),
+            api_tokens=r.list("API_TOKENS"),
+            trusted_proxies=r.networks("TRUSTED_PROXIES"),
+            cors_origins=r.origins("CORS_ORIGINS"),
+            max_tokens=r.int("MAX_TOKENS", 1000, lo=1),
+            temperature=r.float("TEMPERATURE", 0.7, lo=0.0, hi=2.0),
+            max_message_chars=r.int("MAX_MESSAGE_CHARS", 4000, lo=1),
+            max_history_messages=r.int("MAX_HISTORY_MESSAGES", 50, lo=0),
+            max_body_bytes=r.int("MAX_BODY_BYTES", 262_144, lo=1),
+            upstream_timeout_s=r.float("UPSTREAM_TIMEOUT_S", 60.0, lo=0.001),
+            sse_heartbeat_s=r.float("SSE_HEARTBEAT_S", 15.0, lo=0.001),
+            log_level=r.choice("LOG_LEVEL", LOG_LEVELS, "INFO", upper=True) or "INFO",
+            log_file=r.raw("LOG_FILE", "logs/app.log") or None,
+        )
+        if s.default_provider is not None:
+            name = PROVIDER_ALIASES[s.default_provider]
+            if not s.provider_configured(name):
+                raise ConfigError(
+                    f"DEFAULT_PROVIDER: {s.default_provider!r} cannot serve "
+                    f"({'ECHO_PROVIDER is off' if name == 'echo' else 'its API key is not set'})"
+                )
+            s = msgspec.structs.replace(s, default_provider=name)
+        else:
+            first = next((p for p in ("openai", "claude", "echo") if s.provider_configured(p)), None)
+            s = msgspec.structs.replace(s, default_provider=first)
+        return s
+
+
+class _Reader:
+    """Typed reads of one mapping; every failure names its variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def raw(self, name: str, default: str | None = None) -> str | None:
+        value = self.env.get(name)
+        return default if value is None else value.strip()
+
+    def str(self, name: str) -> str | None:
+        return self.raw(name) or None
+
+    def _number(self, name: str, default: T, parse: Callable[[str], T], kind: str, lo, hi) -> T:
+        text = self.raw(name)
+        if not text:
+            return default
+        try:
+            value = parse(text)
+        except ValueError:
+            raise ConfigError(f"{name}: expected {kind}, got {text!r}") from None
+        if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):  # noqa: PLR0124
+            bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+            raise ConfigError(f"{name}: must be {bounds}, got {text!r}")
+        return value
+
+    def int(self, name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
+        return self._number(name, default, int, "an integer", lo, hi)
+
+    def float(self, name: str, default: float, lo: float | None = None, hi: float | None = None) -> float:
+        return self._number(name, default, float, "a number", lo, hi)
+
+    def bool(self, name: str, default: bool) -> bool:
+        text = (self.raw(name) or "").lower()
+        if not text:
+            return default
+        if text in _ON:
+            return True
+        if text in _OFF:
+            return False
+        raise ConfigError(f"{name}: expected on/off (or true/false, 1/0, yes/no), got {text!r}")
+
+    def choice(
+        self, name: str, options: tuple[str, ...], default: str | None, alias: str | None = None, upper=False
+    ) -> str | None:
+        used = name
+        text = self.raw(name)
+        if not text and alias is not None:
+            used, text = alias, self.raw(alias)
+        if not text:
+            return default
+        text = text.upper() if upper else text.lower()
+        if text not in options:
+            raise ConfigError(f"{used}: must be one of {', '.join(options)}; got {text!r}")
+        return text
+
+    def list(self, name: str) -> tuple[str, ...]:
+        return tuple(item.strip() for item in (self.raw(name) or "").split(",") if item.strip())
+
+    def url(self, name: str) -> str | None:
+        text = self.str(name)
+        if text is None:
+            return None
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"{name}: expected an http(s) URL, got {text!r}")
+        return text.rstrip("/")
+
+    def redis_url(self, name: str) -> str:
+        text = self.str(name) or "memory://"
+        scheme, sep, rest = text.partition("://")
+        if text == "memory://" or (sep and scheme in REDIS_SCHEMES and rest):
+            return text
+        raise ConfigError(f"{name}: expected memory://, redis://, rediss:// or unix:// URL, got a malformed value")
+
+    def networks(self, name: str) -> tuple[str, ...]:
+        out = []
+        for item in self.list(name):
+            try:
+                out.append(str(ipaddress.ip_network(item, strict=False)))
+            except ValueError:
+                raise ConfigError(f"{name}: {item!r} is not an IP address or CIDR network") from None
+        return tuple(out)
+
+    def origins(self, name: str) -> tuple[str, ...]:
+        out = []
+        for item in self.list(name):
+            if item == "*":
+                out.append(item)
+                continue
+            parts = urlsplit(item)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+                raise ConfigError(f"{name}: {item!r} is not an origin like https://chat.example.com")
+            out.append(f"{parts.scheme}://{parts.netloc}")
+        return tuple(out)
