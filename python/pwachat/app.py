@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from litestar import Litestar
+from litestar import Litestar, Response, Router
 from litestar.config.cors import CORSConfig
+from litestar.exceptions import NotFoundException
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
 
 from pwachat import __version__
 from pwachat.errors import exception_handlers
@@ -15,6 +17,7 @@ from pwachat.logging import setup_logging
 from pwachat.providers import build_providers
 from pwachat.ratelimit import create_backend, policy_header
 from pwachat.routes import api_router
+from pwachat.routes.auth import token_guard
 from pwachat.security import EdgeMiddleware
 from pwachat.services import Services
 from pwachat.settings import Settings
@@ -71,7 +74,16 @@ def create_app(settings: Settings | None = None) -> Litestar:
         exception_handlers=exception_handlers,
         cors_config=cors,
         request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="pwachat", version=__version__, path="/api/schema"),
+        # JSON only: the HTML viewers load scripts from CDNs, which the API's CSP (rightly) forbids.
+        openapi_config=OpenAPIConfig(
+            title="pwachat",
+            version=__version__,
+            path="/api/schema",
+            render_plugins=[JsonRenderPlugin()],
+            openapi_router=Router(
+                "/api/schema", route_handlers=[], after_request=_schema_404_as_json, guards=[token_guard]
+            ),
+        ),
         debug=False,
         logging_config=None,  # ours (pwachat.logging) is already in place
     )
@@ -79,6 +91,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
     # headers, the HTTPS rule and the access log line too (route middleware only sees routed requests).
     app.asgi_handler = EdgeMiddleware(app.asgi_handler, settings)
     return app
+
+
+def _schema_404_as_json(response: Response) -> Response:
+    # Litestar answers unknown schema paths with an HTML page; every error here is the JSON envelope.
+    if response.status_code == 404:
+        raise NotFoundException()
+    return response
 
 
 def create_app_from_env() -> Litestar:

@@ -113,6 +113,8 @@ class EdgeMiddleware:
         self.production = settings.production
         self.networks = settings.proxy_networks
         common = [
+            # Granian writes `server: granian` unless the app sends its own; an empty value names nothing.
+            (b"server", b""),
             (b"x-content-type-options", b"nosniff"),
             (b"referrer-policy", b"no-referrer"),
             (b"x-frame-options", b"DENY"),
@@ -149,7 +151,7 @@ class EdgeMiddleware:
                     headers.append((b"content-security-policy", JSON_CSP))
                 if b"cache-control" not in names:
                     ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"")
-                    if ctype.startswith(b"application/json"):
+                    if b"json" in ctype:
                         headers.append((b"cache-control", b"no-store"))
                 message["headers"] = headers
             await send(message)

@@ -7,7 +7,7 @@ from typing import Any
 from pwachat.security import Unauthorized, bearer_token, check_token
 from pwachat.services import Services
 
-__all__ = ["authorize"]
+__all__ = ["authorize", "token_guard"]
 
 
 def authorize(scope: dict[str, Any], svc: Services) -> str | None:
@@ -18,3 +18,8 @@ def authorize(scope: dict[str, Any], svc: Services) -> str | None:
     if not check_token(token, svc.tokens):
         raise Unauthorized()
     return token
+
+
+def token_guard(connection: Any, _handler: Any) -> None:
+    """The same check as a Litestar guard, for routers whose handlers we do not write (the schema)."""
+    authorize(connection.scope, connection.app.state.services)

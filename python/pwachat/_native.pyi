@@ -1,0 +1,85 @@
+"""Stubs for the Rust extension (rust/src). Hand-written; checked with mypy.stubtest."""
+
+from typing import Self, final
+
+# The classes are built by PyO3's `#[new]`, i.e. `__new__`; writing the
+# constructors as `__new__` is what stubtest checks against (as pydantic-core does).
+
+__all__ = [
+    "Decision",
+    "RateLimiter",
+    "SanitizeError",
+    "SseEncoder",
+    "SseFieldError",
+    "WindowState",
+    "__version__",
+    "sanitize",
+    "sanitize_chat",
+    "sse_comment",
+    "sse_event",
+]
+
+__version__: str
+
+class SseFieldError(ValueError):
+    """An SSE id or event name contains CR, LF or NUL."""
+
+class SanitizeError(ValueError):
+    """A chat text was refused.
+
+    ``index`` is -1 for the message and ``i`` for ``history[i]``; ``reason`` is
+    ``"lone_surrogate"``, ``"empty"`` or ``"too_long"``. ``str(err)`` never
+    echoes the text.
+    """
+
+    index: int
+    reason: str
+
+def sse_event(data: str | bytes, *, id: int | str | None = None, event: str | None = None) -> bytes: ...
+def sse_comment(text: str = "ping") -> bytes: ...
+
+@final
+class SseEncoder:
+    def __new__(cls, start_id: int = 0) -> Self: ...
+    @property
+    def next_id(self) -> int: ...
+    def event(self, event: str, data: str | bytes) -> bytes: ...
+    def delta(self, content: str) -> bytes: ...
+
+def sanitize(text: str) -> str: ...
+def sanitize_chat(message: str, history: list[str], max_chars: int) -> tuple[str, list[str]]: ...
+
+@final
+class WindowState:
+    @property
+    def limit(self) -> int: ...
+    @property
+    def window_s(self) -> int: ...
+    @property
+    def remaining(self) -> int: ...
+    @property
+    def reset_s(self) -> int: ...
+
+@final
+class Decision:
+    @property
+    def allowed(self) -> bool: ...
+    @property
+    def limit(self) -> int: ...
+    @property
+    def remaining(self) -> int: ...
+    @property
+    def reset_s(self) -> int: ...
+    @property
+    def retry_after(self) -> int: ...
+    @property
+    def window_s(self) -> int: ...
+    @property
+    def windows(self) -> list[WindowState]: ...
+
+@final
+class RateLimiter:
+    def __new__(cls, windows: list[tuple[int, int]], *, max_keys: int = 100_000) -> Self: ...
+    def check(self, key: str, now: float | None = None) -> Decision: ...
+    def peek(self, key: str, now: float | None = None) -> Decision: ...
+    def __len__(self) -> int: ...
