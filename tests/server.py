@@ -17,6 +17,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PWACHAT = [sys.executable, "-m", "pwachat.cli"]
 
 
+#: Every variable pwachat reads; stripped from the parent's environment so tests start from defaults.
+OUR_VARIABLES = frozenset(
+    """APP_ENV FLASK_ENV SECRET_KEY HOST PORT WORKERS OPENAI_API_KEY OPENAI_BASE_URL ANTHROPIC_API_KEY
+    ANTHROPIC_BASE_URL OPENAI_MODELS ANTHROPIC_MODELS DEFAULT_PROVIDER ECHO_PROVIDER SYSTEM_PROMPT REDIS_URL
+    RATELIMIT_PER_MINUTE RATELIMIT_PER_HOUR RATELIMIT_PER_DAY API_TOKENS TRUSTED_PROXIES CORS_ORIGINS
+    MAX_TOKENS TEMPERATURE MAX_MESSAGE_CHARS MAX_HISTORY_MESSAGES MAX_BODY_BYTES UPSTREAM_TIMEOUT_S
+    SSE_HEARTBEAT_S UPSTREAM_MAX_RETRIES LOG_LEVEL LOG_FILE""".split()
+)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -25,15 +35,7 @@ def free_port() -> int:
 
 def clean_env(**overrides: str) -> dict[str, str]:
     """The parent's environment minus anything pwachat reads, plus `overrides`."""
-    ours = {
-        "APP_ENV", "FLASK_ENV", "SECRET_KEY", "HOST", "PORT", "WORKERS", "OPENAI_API_KEY", "OPENAI_BASE_URL",
-        "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "OPENAI_MODELS", "ANTHROPIC_MODELS", "DEFAULT_PROVIDER",
-        "ECHO_PROVIDER", "SYSTEM_PROMPT", "REDIS_URL", "RATELIMIT_PER_MINUTE", "RATELIMIT_PER_HOUR",
-        "RATELIMIT_PER_DAY", "API_TOKENS", "TRUSTED_PROXIES", "CORS_ORIGINS", "MAX_TOKENS", "TEMPERATURE",
-        "MAX_MESSAGE_CHARS", "MAX_HISTORY_MESSAGES", "MAX_BODY_BYTES", "UPSTREAM_TIMEOUT_S", "SSE_HEARTBEAT_S",
-        "LOG_LEVEL", "LOG_FILE",
-    }  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ours}
+    env = {k: v for k, v in os.environ.items() if k not in OUR_VARIABLES}
     env["PYTHONUNBUFFERED"] = "1"
     env.update(overrides)
     return env

@@ -8,8 +8,19 @@ import time
 from pathlib import Path
 
 import pytest
+
 from reference import parse_sse
-from server import PWACHAT, Server, children, clean_env, read_all, split_response, sse_request, start_server, stop_server
+from server import (
+    PWACHAT,
+    Server,
+    children,
+    clean_env,
+    read_all,
+    split_response,
+    sse_request,
+    start_server,
+    stop_server,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -149,7 +160,9 @@ def run_cli(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
         ({"APP_ENV": "production"}, "SECRET_KEY"),
     ],
 )
-def test_bad_configuration_stops_start_up_with_one_line(tmp_path: Path, env: dict[str, str], name: str) -> None:
+def test_bad_configuration_stops_start_up_with_one_line(
+    tmp_path: Path, env: dict[str, str], name: str
+) -> None:
     done = run_cli(tmp_path, **env)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()

@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(settings: Settings, args: argparse.Namespace) -> int:
-    from granian import Granian  # noqa: PLC0415  (keep `--help` and config errors fast)
-    from granian.constants import Interfaces  # noqa: PLC0415
+    from granian import Granian
+    from granian.constants import Interfaces
 
-    from pwachat.logging import setup_logging  # noqa: PLC0415
+    from pwachat.logging import setup_logging
 
     setup_logging(settings)
     host = args.host or settings.host

@@ -82,7 +82,9 @@ class InvalidRequest(ApiError):
     code = "invalid_request"
 
 
-def error_bytes(code: str, message: str, request_id: str | None, details: list[ErrorDetail] | None = None) -> bytes:
+def error_bytes(
+    code: str, message: str, request_id: str | None, details: list[ErrorDetail] | None = None
+) -> bytes:
     return _encode(ErrorBody(ErrorInfo(code, message, request_id, details)))
 
 

@@ -79,7 +79,7 @@ class MemoryBackend:
 def create_backend(settings: Settings) -> RateLimitBackend:
     if settings.redis_url == "memory://":
         return MemoryBackend(settings)
-    from pwachat.redis_limiter import RedisBackend  # noqa: PLC0415  (only loaded when configured)
+    from pwachat.redis_limiter import RedisBackend
 
     return RedisBackend(settings)
 

@@ -157,10 +157,13 @@ class EdgeMiddleware:
             await send(message)
 
         try:
-            if self.production and not scope["path"].startswith("/api/health"):
-                if request_scheme(scope, self.networks) != "https":
-                    await self._refuse_http(scope, rid, send_wrapper)
-                    return
+            if (
+                self.production
+                and not scope["path"].startswith("/api/health")
+                and request_scheme(scope, self.networks) != "https"
+            ):
+                await self._refuse_http(scope, rid, send_wrapper)
+                return
             await self.app(scope, receive, send_wrapper)
         finally:
             fields.update(

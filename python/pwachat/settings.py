@@ -186,7 +186,7 @@ class _Reader:
             value = parse(text)
         except ValueError:
             raise ConfigError(f"{name}: expected {kind}, got {text!r}") from None
-        if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):  # noqa: PLR0124
+        if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
             raise ConfigError(f"{name}: must be {bounds}, got {text!r}")
         return value
@@ -238,7 +238,9 @@ class _Reader:
         scheme, sep, rest = text.partition("://")
         if text == "memory://" or (sep and scheme in REDIS_SCHEMES and rest):
             return text
-        raise ConfigError(f"{name}: expected memory://, redis://, rediss:// or unix:// URL, got a malformed value")
+        raise ConfigError(
+            f"{name}: expected memory://, redis://, rediss:// or unix:// URL, got a malformed value"
+        )
 
     def networks(self, name: str) -> tuple[str, ...]:
         out = []

@@ -91,15 +91,15 @@ def build_providers(settings: Settings) -> Providers:
     """Make one client per configured provider; called in the app's lifespan, closed at shutdown."""
     serving: dict[str, Provider] = {}
     if settings.openai_api_key:
-        from pwachat.providers.openai import OpenAIProvider  # noqa: PLC0415
+        from pwachat.providers.openai import OpenAIProvider
 
         serving["openai"] = OpenAIProvider(settings)
     if settings.anthropic_api_key:
-        from pwachat.providers.anthropic import AnthropicProvider  # noqa: PLC0415
+        from pwachat.providers.anthropic import AnthropicProvider
 
         serving["claude"] = AnthropicProvider(settings)
     if settings.echo_provider:
-        from pwachat.providers.echo import EchoProvider  # noqa: PLC0415
+        from pwachat.providers.echo import EchoProvider
 
         serving["echo"] = EchoProvider()
     return Providers(settings, serving)

@@ -130,7 +130,9 @@ async def prepare(request: Request[Any, Any, Any], svc: Services) -> Prepared:
     if req.max_tokens is not None and req.max_tokens > settings.max_tokens:
         raise _invalid("max_tokens", f"must be <= {settings.max_tokens}")
     try:
-        message, contents = sanitize_chat(req.message, [h.content for h in history], settings.max_message_chars)
+        message, contents = sanitize_chat(
+            req.message, [h.content for h in history], settings.max_message_chars
+        )
     except SanitizeError as err:
         field = "message" if err.index < 0 else f"history[{err.index}].content"
         if err.reason == "too_long":
@@ -151,7 +153,9 @@ async def prepare(request: Request[Any, Any, Any], svc: Services) -> Prepared:
         temperature=settings.temperature if req.temperature is None else req.temperature,
         max_tokens=settings.max_tokens if req.max_tokens is None else req.max_tokens,
     )
-    return Prepared("chat_" + os.urandom(12).hex(), provider, chat, rate_limit_headers(decision, svc.policy), fields)
+    return Prepared(
+        "chat_" + os.urandom(12).hex(), provider, chat, rate_limit_headers(decision, svc.policy), fields
+    )
 
 
 _SANITIZE_REASONS = {

@@ -47,5 +47,7 @@ async def ready(request: Any, state: State) -> Response[Any]:
     svc: Services = state.services
     if svc.providers.serving:
         return Response(StatusResponse("ok"))
-    body = error_bytes("provider_not_configured", "No provider is configured", request.scope["state"]["request_id"])
+    body = error_bytes(
+        "provider_not_configured", "No provider is configured", request.scope["state"]["request_id"]
+    )
     return Response(body, status_code=503, media_type="application/json")
