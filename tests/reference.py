@@ -11,6 +11,7 @@ import math
 import re
 import unicodedata
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # --------------------------------------------------------------------------------------------
@@ -254,3 +255,206 @@ class SlidingWindowCounter:
 
     def peek(self, key: str, now: float) -> RefDecision:
         return self._decide(key, now, consume=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Provider streams (what the upstream sends) and the parser a developer would write
+# --------------------------------------------------------------------------------------------
+
+
+def _dumps(obj: object, ensure_ascii: bool) -> str:
+    return json.dumps(obj, ensure_ascii=ensure_ascii, separators=(",", ":"))
+
+
+def openai_stream(
+    deltas: Sequence[str | None],
+    finish_reason: str | None = "stop",
+    usage: tuple[int, int] | None = None,
+    *,
+    line_end: str = "\n",
+    ensure_ascii: bool = False,
+) -> bytes:
+    """A chat-completions stream as OpenAI sends it: a role chunk, one chunk per delta (None
+    gives `"content": null`), the finish chunk, the usage chunk if `usage` is
+    `(prompt_tokens, completion_tokens)` (stream_options.include_usage), then `[DONE]`.
+    """
+    head: dict[str, object] = {
+        "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
+        "object": "chat.completion.chunk",
+    }
+    head |= {"created": 1741570283, "model": "gpt-4o-2024-08-06", "service_tier": "default"}
+    head |= {"system_fingerprint": "fp_eb9dce56a8"}
+    extra = {"usage": None} if usage is not None else {}
+
+    def chunk(delta: dict[str, object], reason: str | None) -> dict[str, object]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return {**head, "choices": [choice], **extra}
+
+    chunks = [chunk({"role": "assistant", "content": "", "refusal": None}, None)]
+    chunks += [chunk({"content": d}, None) for d in deltas]
+    chunks.append(chunk({}, finish_reason))
+    if usage is not None:
+        prompt, completion = usage
+        counts: dict[str, object] = {"prompt_tokens": prompt, "completion_tokens": completion}
+        counts |= {"total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": 0}}
+        chunks.append({**head, "choices": [], "usage": counts})
+    events = [f"data: {_dumps(c, ensure_ascii)}" for c in chunks] + ["data: [DONE]"]
+    return "".join(e + line_end * 2 for e in events).encode()
+
+
+def anthropic_stream(
+    deltas: list[str],
+    stop_reason: str | None = "end_turn",
+    usage: tuple[int, int] = (25, 15),
+    *,
+    line_end: str = "\n",
+    ensure_ascii: bool = False,
+    event_field: bool = True,
+) -> bytes:
+    """A messages stream as Anthropic sends it, `usage` being (input_tokens, output_tokens):
+    message_start (output_tokens 1), content_block_start, ping, one text delta per item,
+    content_block_stop, message_delta, message_stop. `event_field=False` leaves out the
+    `event:` lines, so the parser has to go by each payload's own `type`.
+    """
+    input_tokens, output_tokens = usage
+    message: dict[str, object] = {
+        "id": "msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY",
+        "type": "message",
+        "role": "assistant",
+    }
+    message |= {"content": [], "model": "claude-sonnet-4-5", "stop_reason": None, "stop_sequence": None}
+    message["usage"] = {"input_tokens": input_tokens, "output_tokens": 1}
+    events: list[dict[str, object]] = [
+        {"type": "message_start", "message": message},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "ping"},
+    ]
+    events += [
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": d}}
+        for d in deltas
+    ]
+    events += [
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+            "usage": {"output_tokens": output_tokens},
+        },
+        {"type": "message_stop"},
+    ]
+    out = ""
+    for event in events:
+        if event_field:
+            out += f"event: {event['type']}{line_end}"
+        out += f"data: {_dumps(event, ensure_ascii)}{line_end}{line_end}"
+    return out.encode()
+
+
+@dataclass(frozen=True)
+class UpstreamResult:
+    deltas: list[str]
+    finish_reason: str | None
+    input_tokens: int
+    output_tokens: int
+    error: tuple[str, str] | None
+    done: bool
+
+
+def _obj(value: object) -> dict[str, object]:
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
+
+
+def _str_or_none(value: object) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def _tokens(usage: dict[str, object], key: str, current: int) -> int:
+    value = usage.get(key)
+    if value is None:
+        return current
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("expected a token count")
+    return value
+
+
+def _error_pair(error: object) -> tuple[str, str]:
+    body = _obj(error)
+
+    def text(key: str) -> str | None:
+        value = body.get(key)
+        return value if isinstance(value, str) and value else None
+
+    return (text("type") or text("code") or "error", text("message") or "")
+
+
+def parse_upstream(kind: str, data: bytes) -> UpstreamResult:
+    """The whole body at once, with json.loads; ValueError where the native parser raises
+    UpstreamFormatError. Unlike the native parser it decodes the whole body first, so it
+    also refuses invalid UTF-8 after the end marker."""
+    events, _ = parse_sse(data)
+    deltas: list[str] = []
+    finish_reason: str | None = None
+    input_tokens = output_tokens = 0
+    error: tuple[str, str] | None = None
+    done = False
+    for event in events:
+        if kind == "openai" and event.data == "[DONE]":
+            done = True
+            break
+        payload = _obj(json.loads(event.data))
+        if kind == "openai":
+            if payload.get("error") is not None:
+                error, done = _error_pair(payload["error"]), True
+                break
+            choices = payload.get("choices")
+            if choices is not None:
+                if not isinstance(choices, list):
+                    raise ValueError("choices is not a list")
+                if choices:
+                    choice = _obj(choices[0])
+                    if choice.get("delta") is not None:
+                        content = _str_or_none(_obj(choice["delta"]).get("content"))
+                        if content:
+                            deltas.append(content)
+                    if choice.get("finish_reason") is not None:
+                        finish_reason = _str_or_none(choice["finish_reason"])
+            if payload.get("usage") is not None:
+                usage = _obj(payload["usage"])
+                input_tokens = _tokens(usage, "prompt_tokens", input_tokens)
+                output_tokens = _tokens(usage, "completion_tokens", output_tokens)
+            continue
+        own_type = payload.get("type")
+        etype = event.type if event.type != "message" else own_type if isinstance(own_type, str) else ""
+        if etype == "content_block_delta" and payload.get("delta") is not None:
+            delta = _obj(payload["delta"])
+            if delta.get("type") == "text_delta":
+                text = delta.get("text")
+                if not isinstance(text, str):
+                    raise ValueError("text delta is not a string")
+                if text:
+                    deltas.append(text)
+        elif etype in ("message_start", "message_delta"):
+            if etype == "message_start":
+                message = payload.get("message")
+                usage_value = None if message is None else _obj(message).get("usage")
+            else:
+                if payload.get("delta") is not None:
+                    reason = _str_or_none(_obj(payload["delta"]).get("stop_reason"))
+                    finish_reason = reason if reason is not None else finish_reason
+                usage_value = payload.get("usage")
+            if usage_value is not None:
+                usage = _obj(usage_value)
+                input_tokens = _tokens(usage, "input_tokens", input_tokens)
+                output_tokens = _tokens(usage, "output_tokens", output_tokens)
+        elif etype == "message_stop":
+            done = True
+            break
+        elif etype == "error":
+            error = _error_pair(payload["error"]) if payload.get("error") is not None else ("error", "")
+            done = True
+            break
+    return UpstreamResult(deltas, finish_reason, input_tokens, output_tokens, error, done)

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from litestar import Litestar, Response, Router
-from litestar.config.cors import CORSConfig
 from litestar.exceptions import NotFoundException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
@@ -24,16 +23,6 @@ from pwachat.settings import Settings
 
 __all__ = ["create_app", "create_app_from_env"]
 
-EXPOSED_HEADERS = [
-    "X-Request-ID",
-    "Retry-After",
-    "X-RateLimit-Limit",
-    "X-RateLimit-Remaining",
-    "X-RateLimit-Reset",
-    "RateLimit",
-    "RateLimit-Policy",
-]
-
 
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings if settings is not None else Settings.from_env()
@@ -43,6 +32,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         providers = build_providers(settings)
         limiter = create_backend(settings)
+        await limiter.start()
         app.state.services = Services(
             settings=settings,
             providers=providers,
@@ -57,22 +47,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await providers.aclose()
             await limiter.aclose()
 
-    cors = None
-    if settings.cors_origins:
-        cors = CORSConfig(
-            allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
-            expose_headers=EXPOSED_HEADERS,
-            allow_credentials=False,
-            max_age=600,
-        )
-
     app = Litestar(
         route_handlers=[api_router()],
         lifespan=[lifespan],
         exception_handlers=exception_handlers,
-        cors_config=cors,
         request_max_body_size=settings.max_body_bytes,
         # JSON only: the HTML viewers load scripts from CDNs, which the API's CSP (rightly) forbids.
         openapi_config=OpenAPIConfig(
@@ -88,7 +66,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         logging_config=None,  # ours (pwachat.logging) is already in place
     )
     # Outside the router on purpose: 404/405s and CORS answers get the request id, the security
-    # headers, the HTTPS rule and the access log line too (route middleware only sees routed requests).
+    # headers, CORS, the HTTPS rule and the access log line too (route middleware only sees routed
+    # requests).
     app.asgi_handler = EdgeMiddleware(app.asgi_handler, settings)
     return app
 

@@ -19,7 +19,7 @@ from litestar.exceptions import (
 )
 from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE
 
-from pwachat._native import SanitizeError, SseFieldError
+from pwachat._native import SanitizeError, SseFieldError, UpstreamFormatError
 
 __all__ = [
     "ApiError",
@@ -27,6 +27,7 @@ __all__ = [
     "InvalidRequest",
     "SanitizeError",
     "SseFieldError",
+    "UpstreamFormatError",
     "error_bytes",
     "exception_handlers",
 ]

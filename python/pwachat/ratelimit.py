@@ -35,6 +35,9 @@ class RateLimited(ApiError):
 class RateLimitBackend(Protocol):
     name: str  # "memory" or "redis", as /api/health and /api/rate-limit report it
 
+    async def start(self) -> None:
+        """Connect what needs connecting; never raises for an unreachable store."""
+
     async def hit(self, key: str) -> Decision:
         """Check and, when admitted, consume one request in every window."""
 
@@ -62,6 +65,9 @@ class MemoryBackend:
 
     def __init__(self, settings: Settings, max_keys: int = 100_000) -> None:
         self.limiter = RateLimiter(windows_of(settings), max_keys=max_keys)
+
+    async def start(self) -> None:
+        return None
 
     async def hit(self, key: str) -> Decision:
         return self.limiter.check(key)

@@ -1,5 +1,9 @@
-"""What wraps every request: its id, security headers, HTTPS in production, the access log line;
-plus the caller's identity (client IP behind trusted proxies, bearer tokens).
+"""What wraps every request: its id, security headers, CORS, HTTPS in production, the access log
+line; plus the caller's identity (client IP behind trusted proxies, bearer tokens).
+
+CORS is here rather than Litestar's `CORSConfig` because the contract is stricter than it: a
+disallowed origin gets no CORS header at all (Litestar still sends Allow-Methods/Headers and
+Expose-Headers) and its preflight is not a text/plain 400; preflights never need a token.
 
 `EdgeMiddleware` sits outside Litestar's router (see `app.py`), so 404s, 405s and CORS answers get
 the same headers and log line as everything else. It is plain ASGI on purpose: one pass over the
@@ -25,6 +29,12 @@ __all__ = ["EdgeMiddleware", "Unauthorized", "bearer_token", "check_token", "cli
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 JSON_CSP = b"default-src 'none'; frame-ancestors 'none'"
+CORS_METHODS = b"GET, POST, OPTIONS"
+CORS_REQUEST_HEADERS = b"Authorization, Content-Type, X-Request-ID"
+CORS_EXPOSED = (
+    b"X-Request-ID, Retry-After, X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset, "
+    b"RateLimit, RateLimit-Policy"
+)
 log = logging.getLogger("pwachat.security")
 
 
@@ -123,6 +133,15 @@ class EdgeMiddleware:
         if self.production:
             common.append((b"strict-transport-security", b"max-age=63072000; includeSubDomains"))
         self.common = common
+        self.cors_any = "*" in settings.cors_origins
+        self.cors_origins = {o.encode() for o in settings.cors_origins if o != "*"}
+        self.cors = bool(settings.cors_origins)
+
+    def _allowed_origin(self, scope: dict[str, Any]) -> bytes | None:
+        origin = _header(scope, b"origin")
+        if origin is None or not (self.cors_any or origin in self.cors_origins):
+            return None
+        return origin
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -137,8 +156,23 @@ class EdgeMiddleware:
         state["request_id"] = rid
         fields: dict[str, Any] = {}
         state["log"] = fields
+        preflight = False
         status = 0
         extra_headers = [*self.common, (b"x-request-id", rid.encode())]
+        if self.cors:
+            extra_headers.append((b"vary", b"Origin"))
+            origin = self._allowed_origin(scope)
+            if origin is not None:
+                extra_headers.append((b"access-control-allow-origin", origin))
+                if scope["method"] == "OPTIONS" and _header(scope, b"access-control-request-method"):
+                    extra_headers += [
+                        (b"access-control-allow-methods", CORS_METHODS),
+                        (b"access-control-allow-headers", CORS_REQUEST_HEADERS),
+                        (b"access-control-max-age", b"600"),
+                    ]
+                    preflight = True
+                else:
+                    extra_headers.append((b"access-control-expose-headers", CORS_EXPOSED))
 
         async def send_wrapper(message: dict[str, Any]) -> None:
             nonlocal status
@@ -157,6 +191,10 @@ class EdgeMiddleware:
             await send(message)
 
         try:
+            if preflight:
+                await send_wrapper({"type": "http.response.start", "status": 204, "headers": []})
+                await send_wrapper({"type": "http.response.body", "body": b""})
+                return
             if (
                 self.production
                 and not scope["path"].startswith("/api/health")

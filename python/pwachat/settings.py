@@ -72,6 +72,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 262_144
     upstream_timeout_s: float = 60.0
     sse_heartbeat_s: float = 15.0
+    upstream_max_retries: int = 2
 
     log_level: str = "INFO"
     log_file: str | None = "logs/app.log"
@@ -148,6 +149,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             max_body_bytes=r.int("MAX_BODY_BYTES", 262_144, lo=1),
             upstream_timeout_s=r.float("UPSTREAM_TIMEOUT_S", 60.0, lo=0.001),
             sse_heartbeat_s=r.float("SSE_HEARTBEAT_S", 15.0, lo=0.001),
+            upstream_max_retries=r.int("UPSTREAM_MAX_RETRIES", 2, lo=0, hi=10),
             log_level=r.choice("LOG_LEVEL", LOG_LEVELS, "INFO", upper=True) or "INFO",
             log_file=r.raw("LOG_FILE", "logs/app.log") or None,
         )
@@ -230,7 +232,8 @@ class _Reader:
             return None
         parts = urlsplit(text)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError(f"{name}: expected an http(s) URL, got {text!r}")
+            # Not echoed: a URL may carry credentials.
+            raise ConfigError(f"{name}: expected an http(s) URL like https://host/v1, got a malformed value")
         return text.rstrip("/")
 
     def redis_url(self, name: str) -> str:

@@ -6,11 +6,13 @@ use pyo3::prelude::*;
 pub mod limiter;
 pub mod sanitize;
 pub mod sse;
+pub mod upstream;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     sse::init(m)?;
+    upstream::init(m)?;
     sanitize::init(m)?;
     limiter::init(m)?;
     Ok(())

@@ -363,6 +363,51 @@ impl Limiter {
         self.outcome(allowed, &views)
     }
 
+    /// Takes counts read from a shared store (Redis) for the buckets `now_ms`
+    /// falls in, `(prev, cur)` per window, keeps the larger of each local and
+    /// given count, and returns the decision those counts mean (`allowed` is
+    /// the store's verdict; when it admitted, `cur` already includes it).
+    ///
+    /// A process's own counts can only lag the store's (every admission it
+    /// made is in the store too), so the merged counts are the store's plus
+    /// whatever the store has not seen yet, such as admissions made while it
+    /// was unreachable. That keeps a later local `peek` refusal exact: when
+    /// the local counters have no room, the store has none either.
+    ///
+    /// Returns `None` when `counts` does not have one pair per window.
+    pub fn sync(
+        &mut self,
+        key: &str,
+        now_ms: i64,
+        counts: &[(u32, u32)],
+        allowed: bool,
+    ) -> Option<Outcome> {
+        if counts.len() != self.windows.len() {
+            return None;
+        }
+        self.drop_expired(now_ms);
+        let mut views = self.views(self.keys.get(key).map(|e| &*e.counters), now_ms);
+        let mut counters = Vec::with_capacity(self.windows.len());
+        let mut expires_ms = i64::MIN;
+        for ((w, v), &(prev, cur)) in self
+            .windows
+            .iter()
+            .zip(views.iter_mut().flatten())
+            .zip(counts)
+        {
+            v.prev = v.prev.max(prev);
+            v.cur = v.cur.max(cur);
+            counters.push(Counter {
+                bucket: v.bucket,
+                prev: v.prev,
+                cur: v.cur,
+            });
+            expires_ms = expires_ms.max((v.bucket + 2).saturating_mul(w.window_ms));
+        }
+        self.store(key, counters, expires_ms);
+        Some(self.outcome(allowed, &views))
+    }
+
     fn store(&mut self, key: &str, counters: Vec<Counter>, expires_ms: i64) {
         if let Some(entry) = self.keys.to_back(key) {
             entry.counters.copy_from_slice(&counters);
@@ -547,6 +592,25 @@ impl PyRateLimiter {
         Ok(Decision { outcome })
     }
 
+    /// Writes a shared store's counts for `key` into this limiter and returns
+    /// the decision they mean; see `Limiter::sync`.
+    #[pyo3(signature = (key, now, counts, allowed))]
+    fn sync(
+        &self,
+        key: &str,
+        now: f64,
+        counts: Vec<(u32, u32)>,
+        allowed: bool,
+    ) -> PyResult<Decision> {
+        let now_ms = now_ms(Some(now))?;
+        self.lock()
+            .sync(key, now_ms, &counts, allowed)
+            .map(|outcome| Decision { outcome })
+            .ok_or_else(|| {
+                PyValueError::new_err("counts must hold one (prev, cur) pair per window")
+            })
+    }
+
     fn __len__(&self) -> usize {
         self.lock().len()
     }
@@ -718,6 +782,22 @@ mod tests {
         assert_eq!(l.len(), 3);
         assert!(l.keys.get("c").is_none());
         assert!(l.keys.get("d").is_some());
+    }
+
+    #[test]
+    fn sync_takes_the_larger_counts_and_refuses_locally_after() {
+        let mut l = limiter(&[(3, 60), (100, 3600)]);
+        let now = 10 * MIN + 1_000;
+        assert!(l.check("k", now).allowed);
+        // The store saw 3 this minute (2 from other processes): no room left.
+        let out = l.sync("k", now, &[(0, 3), (0, 3)], true).unwrap();
+        assert!(out.allowed);
+        assert_eq!(out.tightest().remaining, 0);
+        assert!(!l.peek("k", now + 1).allowed);
+        // Smaller store counts never lower what this process counted itself.
+        let out = l.sync("k", now + 2, &[(0, 1), (0, 1)], true).unwrap();
+        assert_eq!(out.windows()[1].remaining, 97);
+        assert!(l.sync("k", now, &[(0, 1)], true).is_none());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedStr;
 use pyo3::types::{PyBytes, PyString};
 
 // ---------------------------------------------------------------------------
@@ -378,6 +379,34 @@ impl SseEncoder {
         let id = self.take_id();
         PyBytes::new_with(py, delta_len(id, content), |buf| {
             write_delta(buf, id, content);
+            Ok(())
+        })
+    }
+
+    /// `delta` for each non-empty content, ids consecutive, in one `bytes`:
+    /// the relay's second crossing per network read, after
+    /// `UpstreamParser.feed`. The ids are taken in one step once every item
+    /// has been read, so a bad item uses none and another thread's events
+    /// cannot land in between.
+    fn deltas<'py>(
+        &self,
+        py: Python<'py>,
+        contents: Vec<PyBackedStr>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let texts = || contents.iter().map(|c| &**c).filter(|c| !c.is_empty());
+        let count = texts().count() as u64;
+        let first = self.next_id.fetch_add(count, Ordering::Relaxed);
+        let total = (first..)
+            .zip(texts())
+            .map(|(id, text)| delta_len(id, text))
+            .sum();
+        PyBytes::new_with(py, total, |buf| {
+            let mut pos = 0;
+            for (id, text) in (first..).zip(texts()) {
+                let len = delta_len(id, text);
+                write_delta(&mut buf[pos..pos + len], id, text);
+                pos += len;
+            }
             Ok(())
         })
     }

@@ -2,8 +2,9 @@
 
 A provider turns a validated `ChatInput` into either a whole `Completion` (`complete`) or an open
 `ProviderStream` (`open_stream`). `open_stream` returns once the upstream has answered its response
-head, so that the route can still answer an early failure as plain JSON; the stream then yields text
-deltas and exposes `finish_reason` and `usage` when it is exhausted. Providers map their own
+head, so that the route can still answer an early failure as plain JSON; the stream then yields
+lists of text deltas (all the deltas of one network read, so the relay frames them in one native
+call) and exposes `finish_reason` and the token counts when it is exhausted. Providers map their own
 failures to the `ProviderError` subclasses below inside their own module; the routes never see an
 SDK or transport exception.
 """
@@ -98,13 +99,13 @@ def normalise_finish_reason(raw: str | None) -> str:
 
 
 class ProviderStream(Protocol):
-    """An answered upstream stream: iterate for text deltas, then read the totals."""
+    """An answered upstream stream: iterate for batches of text deltas, then read the totals."""
 
     finish_reason: str
     input_tokens: int
     output_tokens: int
 
-    def __aiter__(self) -> AsyncIterator[str]: ...
+    def __aiter__(self) -> AsyncIterator[list[str]]: ...
 
     async def aclose(self) -> None:
         """Stop reading and release the upstream connection (idempotent)."""

@@ -40,12 +40,12 @@ class EchoStream:
         self.input_tokens = input_tokens
         self.output_tokens = 0
 
-    async def _gen(self) -> AsyncIterator[str]:
-        for piece in self._pieces:
-            self.output_tokens += 1
-            yield piece
+    async def _gen(self) -> AsyncIterator[list[str]]:
+        if self._pieces:
+            self.output_tokens = len(self._pieces)
+            yield self._pieces
 
-    def __aiter__(self) -> AsyncIterator[str]:
+    def __aiter__(self) -> AsyncIterator[list[str]]:
         return self._gen()
 
     async def aclose(self) -> None:

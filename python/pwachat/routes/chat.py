@@ -89,6 +89,10 @@ def _invalid(field: str, message: str) -> InvalidRequest:
     return InvalidRequest(f"Invalid request: {field} {message}", details=[ErrorDetail(field, message)])
 
 
+def _not_json(name: str) -> None:
+    raise ValueError(name)
+
+
 def _parse(body: bytes) -> ChatRequest:
     if not body.strip():
         raise ApiError("Request body is empty; send a JSON object", status=400, code="invalid_json")
@@ -97,12 +101,13 @@ def _parse(body: bytes) -> ChatRequest:
     except msgspec.ValidationError as err:
         detail = _validation_detail(err)
         raise InvalidRequest(f"Invalid request: {detail.field} {detail.message}", details=[detail]) from None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         pass
     # msgspec refuses escaped lone surrogates ("\ud800") as malformed, but they are valid JSON whose
-    # text the sanitiser refuses; the stdlib parser accepts them, so ask it before saying invalid_json.
+    # text the sanitiser refuses; the stdlib parser accepts them, so ask it before saying invalid_json
+    # (and refuse the NaN/Infinity it would otherwise accept: they are not JSON).
     try:
-        obj = json.loads(body)
+        obj = json.loads(body, parse_constant=_not_json)
     except (ValueError, RecursionError):
         raise ApiError("Request body is not valid JSON", status=400, code="invalid_json") from None
     try:
@@ -219,7 +224,7 @@ async def chat_stream(request: Request[Any, Any, Any], state: State) -> Stream:
 
 
 class Pump:
-    """Owns the upstream: opens it, reads its deltas into a buffer, closes it, whatever happens.
+    """Owns the upstream: opens it, reads its delta batches into a buffer, closes it, whatever happens.
 
     Running in its own task lets the relay wait on it with a deadline (for heartbeats) without
     cancelling a read half-way, and lets a client disconnect cancel it cleanly: cancelling the task
@@ -245,10 +250,9 @@ class Pump:
                 stream = await provider.open_stream(chat)
             self.opened = True
             self._wake.set()
-            async for delta in stream:
-                if delta:
-                    self.buf.append(delta)
-                    self._wake.set()
+            async for batch in stream:
+                self.buf.extend(batch)
+                self._wake.set()
             self.finish_reason = stream.finish_reason
             self.input_tokens = stream.input_tokens
             self.output_tokens = stream.output_tokens
@@ -313,8 +317,8 @@ async def _relay(p: Prepared, pump: Pump, settings: Any, request_id: str) -> Asy
         while True:
             if pump.buf:
                 pieces = pump.take()
-                out = b"".join([enc.delta(piece) for piece in pieces])
-                events += len(pieces)
+                out = enc.deltas(pieces)
+                events = enc.next_id
                 chars += sum(map(len, pieces))
                 fields.update(events=events, output_chars=chars)
                 last_sent = last_chunk = loop.time()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Response, get
+from litestar import Request, Response, get
 from litestar.datastructures import State
 
 from pwachat import __version__
@@ -43,7 +43,7 @@ async def live() -> StatusResponse:
 
 
 @get("/health/ready", summary="Readiness: at least one provider can serve")
-async def ready(request: Any, state: State) -> Response[Any]:
+async def ready(request: Request[Any, Any, Any], state: State) -> Response[Any]:
     svc: Services = state.services
     if svc.providers.serving:
         return Response(StatusResponse("ok"))

@@ -1,0 +1,231 @@
+"""The lean, pooled HTTP path to a provider, shared by the OpenAI and Anthropic modules.
+
+The SDKs configure the client (base URL, auth and default headers, retry count); the request itself
+goes through one pooled aiohttp session and the answer is read raw: JSON bodies are decoded by
+msgspec into the few fields we use, streams are parsed by the native `UpstreamParser`. The SDKs'
+own transport and per-chunk model building cost far more than the relay itself (see benches/).
+
+Retries follow the SDKs' policy (connection errors, 408, 409, 429 and 5xx; `x-should-retry`;
+`retry-after` up to 60 s, else exponential backoff with jitter) and happen only before a response
+head is accepted, so a stream that has started is never replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from pwachat._native import UpstreamFormatError, UpstreamParser
+from pwachat.providers.base import (
+    ProviderError,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    normalise_finish_reason,
+)
+
+__all__ = ["RawStream", "UpstreamHTTP", "error_for_status", "read_body", "retry_after_s", "sdk_headers"]
+
+_RETRY_STATUSES = {408, 409, 429}
+_MAX_RETRY_AFTER_S = 60.0
+
+
+def retry_after_s(headers: CIMultiDictProxy[str] | dict[str, str]) -> float | None:
+    """Seconds the provider asked us to wait (`retry-after-ms`, `retry-after` seconds or date)."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(float(ms) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def error_for_status(
+    label: str, status: int, headers: CIMultiDictProxy[str] | dict[str, str]
+) -> ProviderError:
+    """The contract's error for a provider's final non-2xx answer; never its body or our key."""
+    if status == 429:
+        wait = retry_after_s(headers)
+        return UpstreamRateLimited(
+            f"{label} is rate limiting requests; try again later",
+            retry_after=max(1, math.ceil(wait)) if wait is not None else None,
+        )
+    if status in (401, 403):
+        return UpstreamError(f"{label} refused the server's credentials (HTTP {status})")
+    if status in (408, 504):
+        return UpstreamTimeout(f"{label} timed out (HTTP {status})")
+    if status < 500:
+        return UpstreamError(f"{label} refused the request (HTTP {status})")
+    return UpstreamError(f"{label} failed (HTTP {status})")
+
+
+def sdk_headers(client: Any) -> dict[str, str]:
+    """What the SDK client sends on every request: identification, version and auth headers.
+
+    Taken from the SDK rather than written here, so that its conventions (e.g. how a key is sent)
+    follow the SDK version installed. `Omit` placeholders are dropped.
+    """
+    headers = {k: v for k, v in client.default_headers.items() if isinstance(v, str)}
+    headers.update(client.auth_headers)
+    return headers
+
+
+class UpstreamHTTP:
+    """One aiohttp session (a connection pool) for one provider; made at start-up, closed at shutdown."""
+
+    def __init__(
+        self,
+        *,
+        label: str,
+        base_url: str,
+        headers: dict[str, str],
+        max_retries: int,
+        map_status: Callable[[int, CIMultiDictProxy[str]], ProviderError],
+    ) -> None:
+        self.label = label
+        self.base_url = base_url.rstrip("/")
+        self.headers = headers
+        self.max_retries = max_retries
+        self.map_status = map_status
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300),
+                # Whole-request bounds are the relay's (UPSTREAM_TIMEOUT_S); only connecting is bounded here.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+                headers=self.headers,
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
+
+    async def post(self, path: str, body: bytes) -> aiohttp.ClientResponse:
+        """POST and return the accepted (2xx) response with its body unread; map every failure."""
+        session = self._client()
+        url = self.base_url + path
+        attempt = 0
+        while True:
+            try:
+                resp = await session.post(url, data=body)
+            except (aiohttp.ClientConnectionError, OSError):
+                if attempt < self.max_retries:
+                    await asyncio.sleep(_backoff(attempt, None))
+                    attempt += 1
+                    continue
+                raise UpstreamError(f"Could not reach {self.label}") from None
+            if resp.status < 300:
+                return resp
+            resp.release()
+            if attempt < self.max_retries and _should_retry(resp):
+                await asyncio.sleep(_backoff(attempt, retry_after_s(resp.headers)))
+                attempt += 1
+                continue
+            raise self.map_status(resp.status, resp.headers)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def _should_retry(resp: aiohttp.ClientResponse) -> bool:
+    explicit = resp.headers.get("x-should-retry")
+    if explicit == "true":
+        return True
+    if explicit == "false":
+        return False
+    return resp.status in _RETRY_STATUSES or resp.status >= 500
+
+
+def _backoff(attempt: int, retry_after: float | None) -> float:
+    if retry_after is not None and 0 < retry_after <= _MAX_RETRY_AFTER_S:
+        return retry_after
+    return min(0.5 * 2**attempt, 8.0) * (1 - 0.25 * random.random())  # jitter, not crypto
+
+
+async def read_body(resp: aiohttp.ClientResponse, label: str) -> bytes:
+    try:
+        return await resp.read()
+    except (aiohttp.ClientError, OSError):
+        raise UpstreamError(f"The connection to {label} broke while reading its answer") from None
+    finally:
+        resp.release()
+
+
+class RawStream:
+    """An accepted streamed response, parsed natively as its bytes arrive.
+
+    Iterating yields lists of text deltas, one list per network read; afterwards `finish_reason`
+    (normalised) and the token counts are set. Failures become `ProviderError`s.
+    """
+
+    def __init__(
+        self,
+        resp: aiohttp.ClientResponse,
+        kind: str,
+        label: str,
+        map_event_error: Callable[[str, str], ProviderError],
+    ) -> None:
+        self._resp = resp
+        self._parser = UpstreamParser(kind)
+        self._label = label
+        self._map_event_error = map_event_error
+        self._clean = False
+        self.finish_reason = "stop"
+        self.input_tokens = 0
+        self.output_tokens = 0
+
+    async def _read(self) -> AsyncIterator[list[str]]:
+        parser = self._parser
+        content = self._resp.content
+        try:
+            while not parser.done:
+                data = await content.readany()
+                if not data:
+                    break
+                deltas = parser.feed(data)
+                if deltas:
+                    yield deltas
+        except UpstreamFormatError:
+            raise UpstreamError(f"{self._label} sent a malformed stream") from None
+        except (aiohttp.ClientError, OSError):
+            raise UpstreamError(f"The connection to {self._label} broke mid-stream") from None
+        if parser.error is not None:
+            raise self._map_event_error(*parser.error)
+        if not parser.done:
+            raise UpstreamError(f"The connection to {self._label} ended mid-stream")
+        self._clean = True
+        self.finish_reason = normalise_finish_reason(parser.finish_reason)
+        self.input_tokens = parser.input_tokens
+        self.output_tokens = parser.output_tokens
+
+    def __aiter__(self) -> AsyncIterator[list[str]]:
+        return self._read()
+
+    async def aclose(self) -> None:
+        # A finished stream goes back to the pool; anything else (a client that went away, an
+        # error) closes the connection so the provider stops generating, and paying, at once.
+        if self._clean:
+            self._resp.release()
+        else:
+            self._resp.close()

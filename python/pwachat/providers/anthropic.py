@@ -1,0 +1,122 @@
+"""Anthropic (Claude), answering as `claude`.
+
+As for OpenAI: the official `anthropic` SDK client supplies the base URL, the auth and version
+headers and the retry count; requests take the pooled raw path and answers are decoded by msgspec
+or the native stream parser.
+"""
+
+from __future__ import annotations
+
+import anthropic
+import msgspec
+from multidict import CIMultiDictProxy
+
+from pwachat.providers._http import RawStream, UpstreamHTTP, error_for_status, read_body, sdk_headers
+from pwachat.providers.base import (
+    ChatInput,
+    Completion,
+    ProviderError,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    normalise_finish_reason,
+)
+from pwachat.settings import Settings
+
+__all__ = ["AnthropicProvider"]
+
+LABEL = "Anthropic"
+_encode = msgspec.json.Encoder().encode
+
+
+class _Block(msgspec.Struct):
+    type: str
+    text: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class _Message(msgspec.Struct):
+    content: list[_Block]
+    stop_reason: str | None = None
+    usage: _Usage | None = None
+
+
+_decode_message = msgspec.json.Decoder(_Message).decode
+
+
+def _map_status(status: int, headers: CIMultiDictProxy[str]) -> ProviderError:
+    if status == 529:
+        return UpstreamError(f"{LABEL} is overloaded (HTTP 529)")
+    return error_for_status(LABEL, status, headers)
+
+
+def _map_event_error(kind: str, _message: str) -> ProviderError:
+    if kind == "rate_limit_error":
+        return UpstreamRateLimited(f"{LABEL} is rate limiting requests; try again later")
+    if kind == "overloaded_error":
+        return UpstreamError(f"{LABEL} is overloaded; try again later")
+    if kind == "timeout_error":
+        return UpstreamTimeout(f"{LABEL} timed out")
+    return UpstreamError(f"{LABEL} reported an error mid-stream ({kind})")
+
+
+class AnthropicProvider:
+    name = "claude"
+    label = LABEL
+
+    def __init__(self, settings: Settings) -> None:
+        self.models = settings.anthropic_models
+        self.sdk = anthropic.AsyncAnthropic(
+            api_key=settings.anthropic_api_key,
+            base_url=settings.anthropic_base_url,
+            max_retries=settings.upstream_max_retries,
+        )
+        self.http = UpstreamHTTP(
+            label=LABEL,
+            base_url=str(self.sdk.base_url),
+            headers=sdk_headers(self.sdk),
+            max_retries=self.sdk.max_retries,
+            map_status=_map_status,
+        )
+
+    @staticmethod
+    def _body(chat: ChatInput, stream: bool) -> bytes:
+        messages = [{"role": role, "content": content} for role, content in chat.history]
+        messages.append({"role": "user", "content": chat.message})
+        body: dict[str, object] = {
+            "model": chat.model,
+            "system": chat.system,
+            "messages": messages,
+            "temperature": chat.temperature,
+            "max_tokens": chat.max_tokens,
+        }
+        if stream:
+            body["stream"] = True
+        return _encode(body)
+
+    async def complete(self, chat: ChatInput) -> Completion:
+        resp = await self.http.post("/v1/messages", self._body(chat, stream=False))
+        raw = await read_body(resp, LABEL)
+        try:
+            answer = _decode_message(raw)
+        except msgspec.DecodeError:
+            raise UpstreamError(f"{LABEL} answered something unusable") from None
+        usage = answer.usage or _Usage()
+        return Completion(
+            text="".join(b.text or "" for b in answer.content if b.type == "text"),
+            finish_reason=normalise_finish_reason(answer.stop_reason),
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+        )
+
+    async def open_stream(self, chat: ChatInput) -> RawStream:
+        resp = await self.http.post("/v1/messages", self._body(chat, stream=True))
+        return RawStream(resp, "anthropic", LABEL, _map_event_error)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+        await self.sdk.close()

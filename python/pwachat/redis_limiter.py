@@ -1,0 +1,205 @@
+"""The Redis-backed limiter: one atomic round trip per admitted request, outage-proof.
+
+How the pieces fit:
+- Redis holds the truth: per caller and window, epoch-aligned bucket counters, checked and consumed
+  for all three windows at once by one Lua script (loaded once, EVALSHA after) with the same
+  integer sliding-window arithmetic as the native limiter. A refused request consumes nothing.
+- The native `RateLimiter` in this process is kept in sync: every Redis answer writes the global
+  counts into it (`sync`). Its counts can only lag the global ones, never lead them, so when it
+  refuses, Redis would too: a key known to be over its limit is refused locally, with no round trip,
+  until its window frees a slot. A flood from one key costs Redis nothing.
+- Redis unreachable (down at start-up, killed, too slow): every call is bounded by `REDIS_TIMEOUT_S`;
+  the first failure marks it down (logged once) and from then on no request waits on it: the native
+  limiter alone decides, per process, and remembers what it admitted. A background task pings Redis;
+  once it answers, those admissions are added to Redis (an outage is no amnesty), the recovery is
+  logged once, and global limiting resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from pwachat._native import Decision, RateLimiter
+from pwachat.ratelimit import windows_of
+from pwachat.settings import Settings
+
+__all__ = ["REDIS_TIMEOUT_S", "RedisBackend"]
+
+log = logging.getLogger("pwachat.ratelimit")
+
+#: The longest any request may wait on Redis (the contract says ~50 ms).
+REDIS_TIMEOUT_S = 0.05
+RECONNECT_INTERVAL_S = 0.5
+KEY_PREFIX = "pwachat:rl:"
+#: Admissions remembered for replay after an outage, as (key, second) counts; beyond this many
+#: distinct pairs the oldest are dropped (memory bound over a very long outage).
+MAX_PENDING = 200_000
+
+# KEYS[1]: the caller's key prefix. ARGV[1]: 1 to consume, 0 to peek; then limit, window_ms pairs.
+# Returns {allowed, now_ms, prev_1, cur_1, prev_2, cur_2, ...} with cur after consumption.
+# Lua numbers are doubles: counts times window_ms stay far below 2^53 for any sane limit.
+CHECK_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local consume = ARGV[1] == '1'
+local n = (#ARGV - 1) / 2
+local ok = true
+local keys, counts = {}, {}
+for i = 1, n do
+  local limit = tonumber(ARGV[2 * i])
+  local w = tonumber(ARGV[2 * i + 1])
+  local bucket = math.floor(now / w)
+  local elapsed = now - bucket * w
+  local cur_key = KEYS[1] .. ':' .. w .. ':' .. bucket
+  local cur = tonumber(redis.call('GET', cur_key) or '0')
+  local prev = tonumber(redis.call('GET', KEYS[1] .. ':' .. w .. ':' .. (bucket - 1)) or '0')
+  if prev * (w - elapsed) + (cur + 1) * w > limit * w then ok = false end
+  keys[i] = cur_key
+  counts[2 * i - 1] = prev
+  counts[2 * i] = cur
+end
+if consume and ok then
+  for i = 1, n do
+    local w = tonumber(ARGV[2 * i + 1])
+    counts[2 * i] = redis.call('INCR', keys[i])
+    redis.call('PEXPIRE', keys[i], 2 * w)
+  end
+end
+local out = {ok and 1 or 0, now}
+for i = 1, 2 * n do out[i + 2] = counts[i] end
+return out
+"""
+
+
+class RedisBackend:
+    name = "redis"
+
+    def __init__(self, settings: Settings, max_keys: int = 100_000) -> None:
+        self.windows = windows_of(settings)
+        self.limiter = RateLimiter(self.windows, max_keys=max_keys)
+        self.redis = Redis.from_url(
+            settings.redis_url,
+            socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0),  # never retry inside a request: fall back instead
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+        self.script = self.redis.register_script(CHECK_LUA)
+        self.args_consume = ["1", *(str(v) for q, w in self.windows for v in (q, w * 1000))]
+        self.args_peek = ["0", *self.args_consume[1:]]
+        self.up = False
+        self.pending: Counter[tuple[str, int]] = Counter()
+        self._reconnect: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def start(self) -> None:
+        """Called once in the lifespan: a Redis that is down at start-up is an outage, not a crash."""
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT_S * 4):
+                await self.redis.ping()
+        except (RedisError, OSError, TimeoutError):
+            self._mark_down("Redis unreachable at start-up; limiting per process until it answers")
+        else:
+            self.up = True
+
+    async def _call(self, key: str, args: list[str]) -> tuple[bool, float, list[tuple[int, int]]]:
+        async with asyncio.timeout(REDIS_TIMEOUT_S):
+            raw: list[Any] = await self.script(keys=[KEY_PREFIX + key], args=args)
+        ints = [int(x) for x in raw]
+        counts = [(ints[i], ints[i + 1]) for i in range(2, len(ints), 2)]
+        return bool(ints[0]), ints[1] / 1000, counts
+
+    async def hit(self, key: str) -> Decision:
+        if self.up:
+            local = self.limiter.peek(key)
+            if not local.allowed:
+                return local  # over its limit globally too: no round trip
+            try:
+                allowed, now, counts = await self._call(key, self.args_consume)
+            except (RedisError, OSError, TimeoutError):
+                self._mark_down("Redis unreachable; limiting per process until it answers")
+            else:
+                return self.limiter.sync(key, now, counts, allowed)
+        decision = self.limiter.check(key)
+        if decision.allowed:
+            self._remember(key)
+        return decision
+
+    async def peek(self, key: str) -> Decision:
+        if self.up:
+            try:
+                allowed, now, counts = await self._call(key, self.args_peek)
+            except (RedisError, OSError, TimeoutError):
+                self._mark_down("Redis unreachable; limiting per process until it answers")
+            else:
+                return self.limiter.sync(key, now, counts, allowed)
+        return self.limiter.peek(key)
+
+    def redis_state(self) -> str:
+        return "ok" if self.up else "unavailable"
+
+    def _remember(self, key: str) -> None:
+        if len(self.pending) >= MAX_PENDING:
+            oldest = min(self.pending, key=lambda k: k[1])
+            del self.pending[oldest]
+        self.pending[(key, int(time.time()))] += 1
+
+    def _mark_down(self, message: str) -> None:
+        if not self.up and self._reconnect is not None:
+            return
+        self.up = False
+        log.warning(message, extra={"event": "redis_down"})
+        if not self._closing and (self._reconnect is None or self._reconnect.done()):
+            self._reconnect = asyncio.get_running_loop().create_task(self._reconnect_loop())
+
+    async def _reconnect_loop(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(RECONNECT_INTERVAL_S)
+            try:
+                async with asyncio.timeout(REDIS_TIMEOUT_S * 4):
+                    await self.redis.ping()
+                await self._replay()
+            except (RedisError, OSError, TimeoutError):
+                continue
+            self.up = True
+            self._reconnect = None
+            log.warning("Redis reachable again; global limiting resumed", extra={"event": "redis_up"})
+            return
+
+    async def _replay(self) -> None:
+        """Add the admissions made during the outage to Redis's buckets (those still alive)."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, Counter()
+        now = time.time()
+        try:
+            async with asyncio.timeout(1.0):
+                pipe = self.redis.pipeline(transaction=False)
+                for (key, second), count in pending.items():
+                    for _, w in self.windows:
+                        if now - second >= 2 * w:
+                            continue
+                        w_ms = w * 1000
+                        bucket_key = f"{KEY_PREFIX}{key}:{w_ms}:{(second * 1000) // w_ms}"
+                        pipe.incrby(bucket_key, count)
+                        pipe.pexpire(bucket_key, 2 * w_ms)
+                await pipe.execute()
+        except BaseException:
+            self.pending.update(pending)  # not lost: tried again on the next successful ping
+            raise
+
+    async def aclose(self) -> None:
+        self._closing = True
+        if self._reconnect is not None:
+            self._reconnect.cancel()
+        await self.redis.aclose()
