@@ -203,21 +203,24 @@ def test_development_serves_plain_http(client) -> None:
 
 
 # TestClient's peer is ("testclient", 50000), which is no IP; PeerShim (conftest) sets a real one.
+# Granian's proxy-header support reads X-Forwarded-Proto along with X-Forwarded-For, as every
+# mainstream proxy sends them (README, Deployment).
 def test_forwarded_proto_from_trusted_proxy_is_believed(make_client) -> None:
     client = make_client(peer="10.1.2.3", TRUSTED_PROXIES="10.0.0.0/8", **PROD)
-    resp = client.post("/api/chat", json={"message": "hi"}, headers={"X-Forwarded-Proto": "https"})
+    https = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "198.51.100.7"}
+    resp = client.post("/api/chat", json={"message": "hi"}, headers=https)
     assert resp.status_code == 200, resp.text
-    resp = client.get("/api/models", headers={"X-Forwarded-Proto": "https"})
+    resp = client.get("/api/models", headers=https)
     assert resp.status_code == 200, resp.text
     # The proxy says the client used http: still redirected.
-    resp = client.get("/api/models", headers={"X-Forwarded-Proto": "http"})
+    resp = client.get("/api/models", headers={**https, "X-Forwarded-Proto": "http"})
     assert resp.status_code == 308
 
 
 @pytest.mark.parametrize("peer", ["203.0.113.9", None], ids=["untrusted ip", "testclient"])
 def test_forwarded_proto_from_untrusted_peer_is_ignored(make_client, check_error, peer) -> None:
     client = make_client(peer=peer, TRUSTED_PROXIES="10.0.0.0/8", **PROD)
-    headers = {"X-Forwarded-Proto": "https"}
+    headers = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "198.51.100.7"}
     check_error(client.post("/api/chat", json={"message": "hi"}, headers=headers), 403, "https_required")
     assert client.get("/api/models", headers=headers).status_code == 308
 

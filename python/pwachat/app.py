@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from granian.utils.proxies import wrap_asgi_with_proxy_headers
 from litestar import Litestar, Response, Router
 from litestar.exceptions import NotFoundException
 from litestar.openapi import OpenAPIConfig
@@ -39,7 +40,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
             limiter=limiter,
             policy=policy_header(settings),
             tokens=tuple(t.encode() for t in settings.api_tokens),
-            networks=settings.proxy_networks,
         )
         try:
             yield
@@ -69,6 +69,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
     # headers, CORS, the HTTPS rule and the access log line too (route middleware only sees routed
     # requests).
     app.asgi_handler = EdgeMiddleware(app.asgi_handler, settings)
+    if settings.trusted_proxies:
+        # Granian's proxy-header support, outermost: from a trusted peer only, the right-most
+        # X-Forwarded-For address that is not itself trusted becomes the client, and
+        # X-Forwarded-Proto the scheme (for the production HTTPS rule).
+        app.asgi_handler = wrap_asgi_with_proxy_headers(app.asgi_handler, list(settings.trusted_proxies))
     return app
 
 

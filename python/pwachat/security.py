@@ -13,17 +13,15 @@ headers, precomputed header lists, no per-request objects beyond what it must ke
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import os
 import re
 import time
-from collections.abc import Iterable
 from typing import Any
 
 from pwachat.errors import ApiError, error_bytes
 from pwachat.logging import access_log
-from pwachat.settings import IPNetwork, Settings
+from pwachat.settings import Settings
 
 __all__ = ["EdgeMiddleware", "Unauthorized", "bearer_token", "check_token", "client_ip"]
 
@@ -57,43 +55,11 @@ def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
     return None
 
 
-def _trusted(addr: str, networks: Iterable[IPNetwork]) -> bool:
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)
-
-
-def client_ip(scope: dict[str, Any], networks: tuple[IPNetwork, ...]) -> str:
-    """The socket peer; behind a trusted proxy, the right-most forwarded address not itself trusted."""
+def client_ip(scope: dict[str, Any]) -> str:
+    """The caller's address: the socket peer, or behind a trusted proxy what Granian's proxy-header
+    support (installed in `app.py`) put in its place."""
     client = scope.get("client")
-    peer = client[0] if client else "unknown"
-    if not networks or not _trusted(peer, networks):
-        return peer
-    forwarded = [
-        v.decode("latin-1") for k, v in scope["headers"] if k == b"x-forwarded-for"
-    ]  # several headers count as one comma list, in order
-    hops = [h.strip() for h in ",".join(forwarded).split(",") if h.strip()]
-    for hop in reversed(hops):
-        if not _trusted(hop, networks):
-            try:
-                return str(ipaddress.ip_address(hop))
-            except ValueError:
-                return peer  # garbage from a trusted proxy: fall back to the proxy itself
-    return peer
-
-
-def request_scheme(scope: dict[str, Any], networks: tuple[IPNetwork, ...]) -> str:
-    scheme = scope.get("scheme", "http")
-    if networks:
-        client = scope.get("client")
-        if client and _trusted(client[0], networks):
-            proto = _header(scope, b"x-forwarded-proto")
-            if proto:
-                # The first value is the one the client used with the outermost proxy.
-                scheme = proto.decode("latin-1").split(",")[0].strip().lower()
-    return scheme
+    return client[0] if client else "unknown"
 
 
 def bearer_token(scope: dict[str, Any]) -> str | None:
@@ -121,7 +87,6 @@ class EdgeMiddleware:
     def __init__(self, app: Any, settings: Settings) -> None:
         self.app = app
         self.production = settings.production
-        self.networks = settings.proxy_networks
         common = [
             # Granian writes `server: granian` unless the app sends its own; an empty value names nothing.
             (b"server", b""),
@@ -198,7 +163,7 @@ class EdgeMiddleware:
             if (
                 self.production
                 and not scope["path"].startswith("/api/health")
-                and request_scheme(scope, self.networks) != "https"
+                and scope.get("scheme", "http") != "https"
             ):
                 await self._refuse_http(scope, rid, send_wrapper)
                 return

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from pwachat.providers import Providers
 from pwachat.ratelimit import RateLimitBackend
-from pwachat.settings import IPNetwork, Settings
+from pwachat.settings import Settings
 
 __all__ = ["Services"]
 
@@ -18,4 +18,3 @@ class Services:
     limiter: RateLimitBackend
     policy: str  # the RateLimit-Policy header, the same for every caller
     tokens: tuple[bytes, ...]  # accepted bearer tokens, encoded once
-    networks: tuple[IPNetwork, ...]  # trusted proxies

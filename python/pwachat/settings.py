@@ -33,8 +33,6 @@ PROVIDER_ALIASES = {"openai": "openai", "claude": "claude", "anthropic": "claude
 _ON = {"1", "true", "yes", "on"}
 _OFF = {"0", "false", "no", "off"}
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
 
 class ConfigError(Exception):
     """A configuration value is missing or wrong; the message names the variable."""
@@ -80,10 +78,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def production(self) -> bool:
         return self.app_env == "production"
-
-    @property
-    def proxy_networks(self) -> tuple[IPNetwork, ...]:
-        return tuple(ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies)
 
     @property
     def provider_models(self) -> dict[str, tuple[str, ...]]:

@@ -147,7 +147,7 @@ async def prepare(request: Request[Any, Any, Any], svc: Services) -> Prepared:
     provider, model = svc.providers.resolve(req.provider, req.model)
     fields.update(provider=provider.name, model=model)
 
-    decision = await svc.limiter.hit(caller_key(client_ip(request.scope, svc.networks), token))
+    decision = await svc.limiter.hit(caller_key(client_ip(request.scope), token))
     if not decision.allowed:
         raise refusal(decision, svc.policy)
     chat = ChatInput(

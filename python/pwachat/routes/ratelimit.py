@@ -20,7 +20,7 @@ __all__ = ["rate_limit"]
 async def rate_limit(request: Request[Any, Any, Any], state: State) -> Response[RateLimitResponse]:
     svc: Services = state.services
     token = authorize(request.scope, svc)
-    decision = await svc.limiter.peek(caller_key(client_ip(request.scope, svc.networks), token))
+    decision = await svc.limiter.peek(caller_key(client_ip(request.scope), token))
     w = decision.windows
     body = RateLimitResponse(
         backend=svc.limiter.name,
