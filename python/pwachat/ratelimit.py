@@ -44,8 +44,8 @@ class RateLimitBackend(Protocol):
     async def peek(self, key: str) -> Decision:
         """The caller's current state; consumes nothing."""
 
-    def redis_state(self) -> str:
-        """`disabled`, `ok` or `unavailable`."""
+    async def redis_state(self) -> str:
+        """`disabled`, `ok` or `unavailable`, as of now (health checks ask this)."""
 
     async def aclose(self) -> None: ...
 
@@ -75,7 +75,7 @@ class MemoryBackend:
     async def peek(self, key: str) -> Decision:
         return self.limiter.peek(key)
 
-    def redis_state(self) -> str:
+    async def redis_state(self) -> str:
         return "disabled"
 
     async def aclose(self) -> None:

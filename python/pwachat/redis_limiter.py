@@ -145,7 +145,16 @@ class RedisBackend:
                 return self.limiter.sync(key, now, counts, allowed)
         return self.limiter.peek(key)
 
-    def redis_state(self) -> str:
+    async def redis_state(self) -> str:
+        # While up, ask Redis itself (bounded like every call), so that a process which has not
+        # needed Redis since it went away still reports the truth; while down, the reconnect task
+        # knows and nobody waits.
+        if self.up:
+            try:
+                async with asyncio.timeout(REDIS_TIMEOUT_S):
+                    await self.redis.ping()
+            except (RedisError, OSError, TimeoutError):
+                self._mark_down("Redis unreachable; limiting per process until it answers")
         return "ok" if self.up else "unavailable"
 
     def _remember(self, key: str) -> None:

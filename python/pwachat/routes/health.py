@@ -26,7 +26,7 @@ async def health(state: State) -> HealthResponse:
         )
         for name, models in svc.providers.models.items()
     }
-    redis = svc.limiter.redis_state()
+    redis = await svc.limiter.redis_state()
     real = any(name in svc.providers.serving for name in ("openai", "claude"))
     return HealthResponse(
         status="ok" if real and redis != "unavailable" else "degraded",

@@ -1,0 +1,89 @@
+"""A real `redis-server` process on a free loopback port, that tests can kill and start again."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from server import free_port
+
+
+class RedisServer:
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server; .ci/run does)")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=self.workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            try:
+                if self.command("PING") == "PONG":
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.02)  # polling for readiness with a deadline
+        raise RuntimeError("redis-server did not answer PING")
+
+    def kill(self) -> None:
+        """Gone at once, as in a crash (SIGKILL): no goodbye to connected clients."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        self.kill()
+
+    def command(self, *args: str) -> object:
+        """Send one command over a fresh connection, return the decoded reply (str, int or list)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+            sock.sendall(payload.encode())
+            return _read_reply(sock.makefile("rb"))
+
+    def evalsha_calls(self) -> int:
+        """How many EVALSHA commands the server has run (INFO commandstats)."""
+        info = str(self.command("INFO", "commandstats"))
+        for line in info.splitlines():
+            if line.startswith("cmdstat_evalsha:"):
+                return int(line.split("calls=")[1].split(",")[0])
+        return 0
+
+
+def _read_reply(f) -> object:
+    line = f.readline()
+    kind, rest = line[:1], line[1:-2].decode()
+    if kind == b"+":
+        return rest
+    if kind == b"-":
+        raise RuntimeError(rest)
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        n = int(rest)
+        if n < 0:
+            return None
+        data = f.read(n + 2)[:-2]
+        return data.decode()
+    if kind == b"*":
+        n = int(rest)
+        return [_read_reply(f) for _ in range(max(n, 0))]
+    raise RuntimeError(f"unexpected reply {line!r}")

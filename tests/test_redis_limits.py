@@ -1,0 +1,126 @@
+"""The Redis-backed limit, in process, against a real `redis-server` started by the fixture."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from redis_server import RedisServer
+from server import free_port
+
+MSG = {"message": "hello"}
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    srv = RedisServer(tmp_path).start()
+    yield srv
+    srv.stop()
+
+
+def chat(client, token: str | None = None):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return client.post("/api/chat", json=MSG, headers=headers)
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.05):
+    """Poll `predicate` until it returns something truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)
+
+
+def test_limit_is_shared_by_two_apps_on_one_redis(make_client, redis: RedisServer) -> None:
+    a = make_client(REDIS_URL=redis.url, RATELIMIT_PER_MINUTE="5")
+    b = make_client(REDIS_URL=redis.url, RATELIMIT_PER_MINUTE="5")
+    statuses = [chat(c).status_code for c in (a, b) * 5]
+    assert statuses.count(200) == 5
+    assert statuses.count(429) == 5
+    assert a.get("/api/health").json()["rate_limit"] == {"backend": "redis", "redis": "ok"}
+    # Both read the same state: nothing left for this caller anywhere.
+    assert b.get("/api/rate-limit").json()["remaining"]["per_minute"] == 0
+    assert a.get("/api/rate-limit").json()["backend"] == "redis"
+
+
+def test_refused_requests_consume_nothing_in_redis(make_client, redis: RedisServer) -> None:
+    client = make_client(REDIS_URL=redis.url, RATELIMIT_PER_MINUTE="3", RATELIMIT_PER_HOUR="50")
+    assert [chat(client).status_code for _ in range(6)] == [200, 200, 200, 429, 429, 429]
+    limits = client.get("/api/rate-limit").json()
+    # Three admitted, three refused: the hour window counted only the three.
+    assert limits["remaining"]["per_hour"] == 47
+    resp = chat(client)
+    assert resp.status_code == 429
+    assert 1 <= int(resp.headers["retry-after"]) <= 120
+    assert resp.headers["ratelimit"].startswith('"minute";r=0;')
+
+
+def test_a_flood_from_an_over_limit_key_makes_no_round_trips(make_client, redis: RedisServer) -> None:
+    client = make_client(REDIS_URL=redis.url, RATELIMIT_PER_MINUTE="2")
+    assert [chat(client).status_code for _ in range(3)] == [200, 200, 429]
+    before = redis.evalsha_calls()
+    assert [chat(client).status_code for _ in range(200)] == [429] * 200
+    assert redis.evalsha_calls() == before
+
+
+def test_each_token_has_its_own_quota_in_redis(make_client, redis: RedisServer) -> None:
+    client = make_client(REDIS_URL=redis.url, RATELIMIT_PER_MINUTE="2", API_TOKENS="alpha,beta")
+    assert [chat(client, "alpha").status_code for _ in range(3)] == [200, 200, 429]
+    assert [chat(client, "beta").status_code for _ in range(3)] == [200, 200, 429]
+    keys = redis.command("KEYS", "pwachat:rl:*")
+    assert keys and not any("alpha" in k or "beta" in k for k in keys)  # tokens never stored in clear
+
+
+def test_redis_down_at_start_up_is_an_outage_not_a_crash(make_client, caplog) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    with caplog.at_level(logging.WARNING, logger="pwachat.ratelimit"):
+        client = make_client(REDIS_URL=dead, RATELIMIT_PER_MINUTE="3")
+        health = client.get("/api/health").json()
+        assert health["status"] == "degraded"
+        assert health["rate_limit"] == {"backend": "redis", "redis": "unavailable"}
+        # Still limited, per process: never open, never 5xx.
+        assert [chat(client).status_code for _ in range(5)] == [200, 200, 200, 429, 429]
+    downs = [r for r in caplog.records if getattr(r, "event", None) == "redis_down"]
+    assert len(downs) == 1
+
+
+def test_outage_then_recovery_resumes_global_limits_and_keeps_outage_counts(
+    make_client, redis: RedisServer, caplog
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="pwachat.ratelimit"):
+        client = make_client(REDIS_URL=redis.url, RATELIMIT_PER_MINUTE="6", RATELIMIT_PER_HOUR="100")
+        assert [chat(client).status_code for _ in range(2)] == [200, 200]
+        redis.kill()
+        during = [chat(client).status_code for _ in range(6)]
+        assert all(s < 500 for s in during)
+        assert during.count(200) == 4 and during.count(429) == 2  # the local limiter knew about the 2
+        assert client.get("/api/health").json()["rate_limit"]["redis"] == "unavailable"
+
+        redis.start()  # the same port
+        wait_until(lambda: client.get("/api/health").json()["rate_limit"]["redis"] == "ok")
+        # The four admitted during the outage were added to Redis: 6 of 100 used this hour.
+        hour_keys = [k for k in redis.command("KEYS", "pwachat:rl:*") if ":3600000:" in k]
+        assert sum(int(redis.command("GET", k)) for k in hour_keys) == 4  # the 2 before died with Redis
+        assert client.get("/api/rate-limit").json()["remaining"]["per_hour"] == 94
+    events = [getattr(r, "event", None) for r in caplog.records]
+    assert events.count("redis_down") == 1
+    assert events.count("redis_up") == 1
+
+
+def test_health_is_ok_with_redis_and_a_real_provider(make_client, redis: RedisServer) -> None:
+    client = make_client(
+        REDIS_URL=redis.url, OPENAI_API_KEY="sk-test", OPENAI_BASE_URL="http://127.0.0.1:9/v1"
+    )
+    body = client.get("/api/health").json()
+    assert body["status"] == "ok"
+    assert body["rate_limit"] == {"backend": "redis", "redis": "ok"}
+    assert json.dumps(body).count("sk-test") == 0
