@@ -1,15 +1,18 @@
 """The Redis-backed limiter: one atomic round trip per admitted request, outage-proof.
 
 How the pieces fit:
-- Redis holds the truth: per caller and window, epoch-aligned bucket counters, checked and consumed
-  for all three windows at once by one Lua script (loaded once, EVALSHA after) with the same
-  integer sliding-window arithmetic as the native limiter. A refused request consumes nothing.
+- Redis holds the truth: per caller and window, epoch-aligned bucket counters (one hash per caller),
+  checked and consumed for all three windows at once by one Lua script (loaded once, EVALSHA after)
+  with the same integer sliding-window arithmetic as the native limiter. A refused request consumes
+  nothing. The script derives its hash fields from Redis's own clock (TIME), so every instance
+  agrees on the buckets whatever its local clock says.
 - The native `RateLimiter` in this process is kept in sync: every Redis answer writes the global
   counts into it (`sync`). Its counts can only lag the global ones, never lead them, so when it
   refuses, Redis would too: a key known to be over its limit is refused locally, with no round trip,
   until its window frees a slot. A flood from one key costs Redis nothing.
 - Redis unreachable (down at start-up, killed, too slow): every call is bounded by `REDIS_TIMEOUT_S`;
-  the first failure marks it down (logged once) and from then on no request waits on it: the native
+  the first failure (a refused or broken connection, or `STRIKES` timeouts in a row) marks it down
+  (logged once) and from then on no request waits on it: the native
   limiter alone decides, per process, and remembers what it admitted. A background task pings Redis;
   once it answers, those admissions are added to Redis (an outage is no amnesty), the recovery is
   logged once, and global limiting resumes.
@@ -39,40 +42,56 @@ log = logging.getLogger("pwachat.ratelimit")
 #: The longest any request may wait on Redis (the contract says ~50 ms).
 REDIS_TIMEOUT_S = 0.05
 RECONNECT_INTERVAL_S = 0.5
+STRIKES = 3
 KEY_PREFIX = "pwachat:rl:"
 #: Admissions remembered for replay after an outage, as (key, second) counts; beyond this many
 #: distinct pairs the oldest are dropped (memory bound over a very long outage).
 MAX_PENDING = 200_000
 
-# KEYS[1]: the caller's key prefix. ARGV[1]: 1 to consume, 0 to peek; then limit, window_ms pairs.
+# One hash per caller (KEYS[1]) with a field per window and bucket ("<window_ms>:<bucket>"), so a
+# check is a handful of commands whatever the number of windows: TIME, one HMGET, and when admitting
+# one HSET, one HDEL of the buckets that can no longer count, one PEXPIRE.
+# ARGV[1]: 1 to consume, 0 to peek; then limit, window_ms pairs.
 # Returns {allowed, now_ms, prev_1, cur_1, prev_2, cur_2, ...} with cur after consumption.
 # Lua numbers are doubles: counts times window_ms stay far below 2^53 for any sane limit.
 CHECK_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local consume = ARGV[1] == '1'
 local n = (#ARGV - 1) / 2
+local fields, cur_fields, old_fields = {}, {}, {}
+local longest = 0
+for i = 1, n do
+  local w = tonumber(ARGV[2 * i + 1])
+  local bucket = math.floor(now / w)
+  cur_fields[i] = w .. ':' .. bucket
+  old_fields[i] = w .. ':' .. (bucket - 2)
+  fields[2 * i - 1] = w .. ':' .. (bucket - 1)
+  fields[2 * i] = cur_fields[i]
+  if w > longest then longest = w end
+end
+local got = redis.call('HMGET', KEYS[1], unpack(fields))
 local ok = true
-local keys, counts = {}, {}
+local counts = {}
 for i = 1, n do
   local limit = tonumber(ARGV[2 * i])
   local w = tonumber(ARGV[2 * i + 1])
-  local bucket = math.floor(now / w)
-  local elapsed = now - bucket * w
-  local cur_key = KEYS[1] .. ':' .. w .. ':' .. bucket
-  local cur = tonumber(redis.call('GET', cur_key) or '0')
-  local prev = tonumber(redis.call('GET', KEYS[1] .. ':' .. w .. ':' .. (bucket - 1)) or '0')
+  local elapsed = now - math.floor(now / w) * w
+  local prev = tonumber(got[2 * i - 1] or '0')
+  local cur = tonumber(got[2 * i] or '0')
   if prev * (w - elapsed) + (cur + 1) * w > limit * w then ok = false end
-  keys[i] = cur_key
   counts[2 * i - 1] = prev
   counts[2 * i] = cur
 end
-if consume and ok then
+if ARGV[1] == '1' and ok then
+  local set = {}
   for i = 1, n do
-    local w = tonumber(ARGV[2 * i + 1])
-    counts[2 * i] = redis.call('INCR', keys[i])
-    redis.call('PEXPIRE', keys[i], 2 * w)
+    counts[2 * i] = counts[2 * i] + 1
+    set[2 * i - 1] = cur_fields[i]
+    set[2 * i] = counts[2 * i]
   end
+  redis.call('HSET', KEYS[1], unpack(set))
+  redis.call('HDEL', KEYS[1], unpack(old_fields))
+  redis.call('PEXPIRE', KEYS[1], 2 * longest)
 end
 local out = {ok and 1 or 0, now}
 for i = 1, 2 * n do out[i + 2] = counts[i] end
@@ -94,10 +113,11 @@ class RedisBackend:
             retry_on_timeout=False,
             health_check_interval=0,
         )
-        self.script = self.redis.register_script(CHECK_LUA)
+        self.script = self.redis.register_script(CHECK_LUA)  # EVALSHA, loading the script on NOSCRIPT
         self.args_consume = ["1", *(str(v) for q, w in self.windows for v in (q, w * 1000))]
         self.args_peek = ["0", *self.args_consume[1:]]
         self.up = False
+        self._timeouts = 0
         self.pending: Counter[tuple[str, int]] = Counter()
         self._reconnect: asyncio.Task[None] | None = None
         self._closing = False
@@ -106,7 +126,7 @@ class RedisBackend:
         """Called once in the lifespan: a Redis that is down at start-up is an outage, not a crash."""
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_S * 4):
-                await self.redis.ping()
+                await self.redis.script_load(CHECK_LUA)
         except (RedisError, OSError, TimeoutError):
             self._mark_down("Redis unreachable at start-up; limiting per process until it answers")
         else:
@@ -126,9 +146,10 @@ class RedisBackend:
                 return local  # over its limit globally too: no round trip
             try:
                 allowed, now, counts = await self._call(key, self.args_consume)
-            except (RedisError, OSError, TimeoutError):
-                self._mark_down("Redis unreachable; limiting per process until it answers")
+            except (RedisError, OSError, TimeoutError) as err:
+                self._failed(err)
             else:
+                self._timeouts = 0
                 return self.limiter.sync(key, now, counts, allowed)
         decision = self.limiter.check(key)
         if decision.allowed:
@@ -139,9 +160,10 @@ class RedisBackend:
         if self.up:
             try:
                 allowed, now, counts = await self._call(key, self.args_peek)
-            except (RedisError, OSError, TimeoutError):
-                self._mark_down("Redis unreachable; limiting per process until it answers")
+            except (RedisError, OSError, TimeoutError) as err:
+                self._failed(err)
             else:
+                self._timeouts = 0
                 return self.limiter.sync(key, now, counts, allowed)
         return self.limiter.peek(key)
 
@@ -153,8 +175,8 @@ class RedisBackend:
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT_S):
                     await self.redis.ping()
-            except (RedisError, OSError, TimeoutError):
-                self._mark_down("Redis unreachable; limiting per process until it answers")
+            except (RedisError, OSError, TimeoutError) as err:
+                self._failed(err)
         return "ok" if self.up else "unavailable"
 
     def _remember(self, key: str) -> None:
@@ -162,6 +184,16 @@ class RedisBackend:
             oldest = min(self.pending, key=lambda k: k[1])
             del self.pending[oldest]
         self.pending[(key, int(time.time()))] += 1
+
+    def _failed(self, err: BaseException) -> None:
+        # A refused or broken connection is an outage at once. A lone timeout may be this process's
+        # own event loop lagging under load rather than Redis: that request is decided locally, and
+        # only STRIKES timeouts in a row (a hung Redis makes them back to back) mean an outage.
+        if isinstance(err, TimeoutError):
+            self._timeouts += 1
+            if self._timeouts < STRIKES:
+                return
+        self._mark_down("Redis unreachable; limiting per process until it answers")
 
     def _mark_down(self, message: str) -> None:
         if not self.up and self._reconnect is not None:
@@ -176,11 +208,12 @@ class RedisBackend:
             await asyncio.sleep(RECONNECT_INTERVAL_S)
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT_S * 4):
-                    await self.redis.ping()
+                    await self.redis.script_load(CHECK_LUA)  # a restarted Redis has lost its scripts
                 await self._replay()
             except (RedisError, OSError, TimeoutError):
                 continue
             self.up = True
+            self._timeouts = 0
             self._reconnect = None
             log.warning("Redis reachable again; global limiting resumed", extra={"event": "redis_up"})
             return
@@ -199,9 +232,8 @@ class RedisBackend:
                         if now - second >= 2 * w:
                             continue
                         w_ms = w * 1000
-                        bucket_key = f"{KEY_PREFIX}{key}:{w_ms}:{(second * 1000) // w_ms}"
-                        pipe.incrby(bucket_key, count)
-                        pipe.pexpire(bucket_key, 2 * w_ms)
+                        pipe.hincrby(KEY_PREFIX + key, f"{w_ms}:{(second * 1000) // w_ms}", count)
+                    pipe.pexpire(KEY_PREFIX + key, 2 * 1000 * max(w for _, w in self.windows))
                 await pipe.execute()
         except BaseException:
             self.pending.update(pending)  # not lost: tried again on the next successful ping

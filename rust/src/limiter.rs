@@ -165,7 +165,7 @@ impl WindowSpec {
     fn remaining(self, v: View) -> u64 {
         let w = i128::from(self.window_ms);
         let room = i128::from(self.limit) * w - self.scaled_estimate(v);
-        room.max(0).div_euclid(w) as u64
+        floor_div(room.max(0), w) as u64
     }
 
     /// Milliseconds until this window admits one more request if no other
@@ -181,12 +181,12 @@ impl WindowSpec {
             // Room comes in this bucket once prev's weight has fallen far
             // enough: prev * (w - e') <= (L - 1 - cur) * w. prev > 0 here, or
             // there would be room already.
-            let first_ok = w - ((limit - 1 - cur) * w).div_euclid(prev);
+            let first_ok = w - floor_div((limit - 1 - cur) * w, prev);
             first_ok - e
         } else {
             // Full bucket: in the next one, cur becomes prev and must fade
             // until cur * (w - e') <= (L - 1) * w.
-            (w - e) + w - ((limit - 1) * w).div_euclid(cur)
+            (w - e) + w - floor_div((limit - 1) * w, cur)
         }
     }
 }
@@ -221,8 +221,18 @@ impl Outcome {
     }
 }
 
+/// `a.div_euclid(b)` for `b > 0`, in 64 bits whenever both fit: a 128-bit
+/// division is a slow library call, and with real windows (a day is 8.64e7 ms)
+/// the operands always fit, so the wide path is only a guard.
+fn floor_div(a: i128, b: i128) -> i128 {
+    match (i64::try_from(a), i64::try_from(b)) {
+        (Ok(a), Ok(b)) => i128::from(a.div_euclid(b)),
+        _ => a.div_euclid(b),
+    }
+}
+
 fn ceil_seconds(ms: i128) -> u64 {
-    (ms.max(0) + 999).div_euclid(1000) as u64
+    floor_div(ms.max(0) + 999, 1000) as u64
 }
 
 struct Entry {
