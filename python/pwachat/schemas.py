@@ -68,12 +68,21 @@ class RateLimitHealth(msgspec.Struct, frozen=True):
     redis: str
 
 
+class RuntimeHealth(msgspec.Struct, frozen=True):
+    """This worker process's own gauges (an extension of the contract's health body)."""
+
+    pid: int
+    tasks: int  # asyncio tasks alive: a leak shows here first
+    open_streams: int  # /api/chat/stream responses in progress
+
+
 class HealthResponse(msgspec.Struct, frozen=True):
     status: Literal["ok", "degraded"]
     version: str
     environment: str
     providers: dict[str, ProviderHealth]
     rate_limit: RateLimitHealth
+    runtime: RuntimeHealth
 
 
 class StatusResponse(msgspec.Struct, frozen=True):

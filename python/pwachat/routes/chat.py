@@ -32,7 +32,7 @@ from pwachat.schemas import ChatRequest, ChatResponse, DoneEvent, StartEvent, Us
 from pwachat.security import client_ip
 from pwachat.services import Services
 
-__all__ = ["chat", "chat_stream"]
+__all__ = ["chat", "chat_stream", "open_streams"]
 
 log = logging.getLogger("pwachat.chat")
 
@@ -40,6 +40,14 @@ _decode_request = msgspec.json.Decoder(ChatRequest).decode
 _encode = msgspec.json.Encoder().encode
 PING = sse_comment("ping")
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+_OPEN_STREAMS = 0
+
+
+def open_streams() -> int:
+    """Streams this process is relaying now (for /api/health's runtime block)."""
+    return _OPEN_STREAMS
 
 
 class UnsupportedMediaType(ApiError):
@@ -303,6 +311,8 @@ def _error_event(enc: SseEncoder, err: ApiError, request_id: str) -> bytes:
 
 
 async def _relay(p: Prepared, pump: Pump, settings: Any, request_id: str) -> AsyncIterator[bytes]:
+    global _OPEN_STREAMS  # noqa: PLW0603 - a per-process gauge, read by /api/health
+    _OPEN_STREAMS += 1
     loop = asyncio.get_running_loop()
     enc = SseEncoder()
     fields = p.log
@@ -354,6 +364,7 @@ async def _relay(p: Prepared, pump: Pump, settings: Any, request_id: str) -> Asy
                 yield PING
                 last_sent = now
     finally:
+        _OPEN_STREAMS -= 1
         if not pump.done:
             fields["client_gone"] = True
         pump.cancel()

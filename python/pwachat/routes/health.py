@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from typing import Any
 
 from litestar import Request, Response, get
@@ -9,7 +11,8 @@ from litestar.datastructures import State
 
 from pwachat import __version__
 from pwachat.errors import error_bytes
-from pwachat.schemas import HealthResponse, ProviderHealth, RateLimitHealth, StatusResponse
+from pwachat.routes.chat import open_streams
+from pwachat.schemas import HealthResponse, ProviderHealth, RateLimitHealth, RuntimeHealth, StatusResponse
 from pwachat.services import Services
 
 __all__ = ["health", "live", "ready"]
@@ -34,6 +37,7 @@ async def health(state: State) -> HealthResponse:
         environment=settings.app_env,
         providers=providers,
         rate_limit=RateLimitHealth(backend=svc.limiter.name, redis=redis),
+        runtime=RuntimeHealth(pid=os.getpid(), tasks=len(asyncio.all_tasks()), open_streams=open_streams()),
     )
 
 
