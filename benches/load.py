@@ -44,6 +44,7 @@ from server import clean_env, free_port  # noqa: E402
 SERVER_CORE, LOAD_CORE = "0", "1"
 OPENAI_KEY = "sk-test-openai"
 CHUNKS = 20
+MESSAGE = {"message": "hello bench"}
 
 
 def pinned(core: str, argv: list[str]) -> list[str]:
@@ -67,7 +68,7 @@ class Fake:
     def control(self, path: str, payload: object = None) -> object:
         data = None if payload is None else json.dumps(payload).encode()
         req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - our own loopback fake
+        with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read() or b"null")
 
     def behave(self, **params: object) -> None:
@@ -107,7 +108,7 @@ class Server:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(self.url + "/api/health/live", timeout=1):  # noqa: S310
+                with urllib.request.urlopen(self.url + "/api/health/live", timeout=1):
                     return
             except OSError:
                 time.sleep(0.05)
@@ -155,7 +156,7 @@ def wrk(url: str, body: dict, headers: dict[str, str], seconds: int, connections
         f.write(script)
     try:
         out = subprocess.run(
-            pinned(LOAD_CORE, ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", f.name, url]),
+            pinned(LOAD_CORE, ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", f.name, url]),
             capture_output=True,
             text=True,
             check=True,
@@ -169,7 +170,11 @@ def wrk(url: str, body: dict, headers: dict[str, str], seconds: int, connections
 
 
 def openai_body(stream: bool) -> dict:
-    body: dict = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello bench"}], "max_tokens": 100}
+    body: dict = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hello bench"}],
+        "max_tokens": 100,
+    }
     if stream:
         body |= {"stream": True, "stream_options": {"include_usage": True}}
     return body
@@ -206,7 +211,7 @@ async def concurrent_streams(port: int, streams: int) -> list[list[float]]:
 
 
 async def paced_latency(url: str, path: str, body: dict, headers: dict[str, str], rate: int, seconds: float):
-    import aiohttp  # noqa: PLC0415
+    import aiohttp
 
     latencies: list[float] = []
     async with aiohttp.ClientSession(headers={"Content-Type": "application/json", **headers}) as session:
@@ -257,7 +262,7 @@ def main() -> int:
     try:
         if "chat" in only:
             fake.behave()
-            ours = wrk(server.url + "/api/chat", {"message": "hello bench"}, {}, args.seconds, args.connections)
+            ours = wrk(server.url + "/api/chat", MESSAGE, {}, args.seconds, args.connections)
             direct = wrk(
                 fake.url + "/v1/chat/completions", openai_body(False), auth, args.seconds, args.connections
             )
@@ -271,9 +276,7 @@ def main() -> int:
             )
         if "stream" in only:
             fake.behave(chunks=CHUNKS)
-            ours = wrk(
-                server.url + "/api/chat/stream", {"message": "hello bench"}, {}, args.seconds, args.connections
-            )
+            ours = wrk(server.url + "/api/chat/stream", MESSAGE, {}, args.seconds, args.connections)
             direct = wrk(
                 fake.url + "/v1/chat/completions", openai_body(True), auth, args.seconds, args.connections
             )
@@ -321,8 +324,8 @@ def main() -> int:
             rows.append(
                 (
                     f"{args.streams} streams, chunk/250 ms: relay delay p50 / p99 / max",
-                    f"{pct(delays, 50) * 1000:.1f} / {pct(delays, 99) * 1000:.1f} / {max(delays) * 1000:.1f} ms"
-                    f" ({complete}/{args.streams} complete)",
+                    f"{pct(delays, 50) * 1000:.1f} / {pct(delays, 99) * 1000:.1f} / "
+                    f"{max(delays) * 1000:.1f} ms ({complete}/{args.streams} complete)",
                     "-",
                     "p99 <= 20 ms",
                 )
@@ -330,7 +333,7 @@ def main() -> int:
             rows.append(("  server resident memory, peak", f"{rss_peak:.0f} MB", "-", "< 150 MB"))
         if "latency" in only:
             fake.behave()
-            ours = asyncio.run(paced_latency(server.url, "/api/chat", {"message": "hello bench"}, {}, 100, 5))
+            ours = asyncio.run(paced_latency(server.url, "/api/chat", MESSAGE, {}, 100, 5))
             direct = asyncio.run(
                 paced_latency(fake.url, "/v1/chat/completions", openai_body(False), auth, 100, 5)
             )
@@ -347,8 +350,8 @@ def main() -> int:
         server.stop()
         fake.stop()
 
-    widths = [max(len(r[i]) for r in [("scenario", "through pwachat", "fake directly", "target"), *rows]) for i in range(4)]
     header = ("scenario", "through pwachat", "fake directly", "target")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     print()
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     print("-|-".join("-" * w for w in widths))

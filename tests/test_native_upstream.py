@@ -312,3 +312,12 @@ def test_deltas_refuses_a_lone_surrogate_and_uses_no_id() -> None:
     with pytest.raises(TypeError):
         encoder.deltas(["ok", 3])  # type: ignore[list-item]
     assert encoder.next_id == 0
+
+
+def test_deltas_before_a_malformed_event_in_the_same_read_are_kept() -> None:
+    good = openai_stream(["d0 ", "d1 "], "stop", None).split(b"data: [DONE]")[0]
+    parser = UpstreamParser("openai")
+    assert parser.feed(good + b"data: {not json\n\n") == ["d0 ", "d1 "]
+    assert parser.failed
+    with pytest.raises(UpstreamFormatError):
+        parser.feed(b"data: [DONE]\n\n")

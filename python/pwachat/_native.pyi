@@ -62,11 +62,14 @@ class UpstreamParser:
     ``feed`` returns the non-empty text deltas of the events the chunk completes and keeps
     an unfinished line for the next call; after the end marker or an in-stream ``error``
     (``done`` is then True) the rest is ignored. A malformed event raises
-    ``UpstreamFormatError``, and so does every later ``feed``.
+    ``UpstreamFormatError``, and so does every later ``feed``; when good events came before
+    it in the same chunk, their deltas are returned first and ``failed`` turns True.
     """
 
     def __new__(cls, kind: str) -> Self: ...
     def feed(self, data: bytes) -> list[str]: ...
+    @property
+    def failed(self) -> bool: ...
     @property
     def done(self) -> bool: ...
     @property

@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 WINDOW_NAMES = {60: "minute", 3600: "hour", 86400: "day"}
+WINDOW_NAMES_B = {w: n.encode() for w, n in WINDOW_NAMES.items()}
 
 
 class RateLimited(ApiError):
@@ -101,16 +102,19 @@ def policy_header(settings: Settings) -> str:
     return ", ".join(f'"{WINDOW_NAMES[w]}";q={q};w={w}' for q, w in windows_of(settings))
 
 
-def rate_limit_headers(decision: Decision, policy: str) -> dict[str, str]:
-    headers = {
-        "X-RateLimit-Limit": str(decision.limit),
-        "X-RateLimit-Remaining": str(decision.remaining),
-        "X-RateLimit-Reset": str(decision.reset_s),
-        "RateLimit-Policy": policy,
-        "RateLimit": f'"{WINDOW_NAMES[decision.window_s]}";r={decision.remaining};t={decision.reset_s}',
-    }
+def rate_limit_headers(decision: Decision, policy: str) -> list[tuple[bytes, bytes]]:
+    """The contract's rate-limit headers as raw ASGI pairs (the hot routes send them as they are)."""
+    remaining = str(decision.remaining).encode()
+    reset = str(decision.reset_s).encode()
+    headers = [
+        (b"x-ratelimit-limit", str(decision.limit).encode()),
+        (b"x-ratelimit-remaining", remaining),
+        (b"x-ratelimit-reset", reset),
+        (b"ratelimit-policy", policy.encode()),
+        (b"ratelimit", b'"' + WINDOW_NAMES_B[decision.window_s] + b'";r=' + remaining + b";t=" + reset),
+    ]
     if not decision.allowed:
-        headers["Retry-After"] = str(decision.retry_after)
+        headers.append((b"retry-after", str(decision.retry_after).encode()))
     return headers
 
 
@@ -118,5 +122,5 @@ def refusal(decision: Decision, policy: str) -> RateLimited:
     name = WINDOW_NAMES[decision.window_s]
     return RateLimited(
         f"Rate limit exceeded: {decision.limit} per 1 {name}",
-        headers=rate_limit_headers(decision, policy),
+        headers={k.decode(): v.decode() for k, v in rate_limit_headers(decision, policy)},
     )

@@ -542,6 +542,10 @@ impl UpstreamState {
     /// Feeds the next bytes of the body; calls `on_delta` with every non-empty
     /// text delta of the events they complete, in order. After the end marker
     /// or an in-stream error, the rest is ignored.
+    pub fn is_failed(&self) -> bool {
+        self.failed.is_some()
+    }
+
     pub fn feed(
         &mut self,
         chunk: &[u8],
@@ -729,11 +733,25 @@ impl UpstreamParser {
 
     /// The text deltas of the events this chunk completes, as `str`s made
     /// straight from the borrowed JSON strings.
+    ///
+    /// When a malformed event follows good ones in the same chunk, the good
+    /// ones' deltas are still returned (they arrived first and belong to the
+    /// client) and `failed` turns true; the next `feed` raises.
     fn feed<'py>(&mut self, py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyList>> {
         let mut deltas = Vec::new();
-        self.state
-            .feed(data, |text| deltas.push(PyString::new(py, text)))?;
-        PyList::new(py, deltas)
+        let result = self
+            .state
+            .feed(data, |text| deltas.push(PyString::new(py, text)));
+        match result {
+            Err(err) if deltas.is_empty() => Err(err.into()),
+            _ => PyList::new(py, deltas),
+        }
+    }
+
+    /// The stream was found malformed; `feed` raises from now on.
+    #[getter]
+    fn failed(&self) -> bool {
+        self.state.is_failed()
     }
 
     #[getter]

@@ -60,7 +60,12 @@ class Providers:
         # `echo` switched off is not a provider at all for clients (400 unknown_provider).
         return name in ("openai", "claude") or (name == "echo" and self.settings.echo_provider)
 
-    def resolve(self, provider: str | None, model: str | None) -> tuple[Provider, str]:
+    def resolve(self, provider: str | None, model: str | None) -> tuple[str | None, str | None]:
+        """The canonical provider name and the model a request names (None: the default).
+
+        Raises the 400s (`unknown_provider`, `unknown_model`); whether the provider can serve is
+        asked later, after the rate limit (`not_configured`). None as the name: no provider at all.
+        """
         if provider is not None:
             name = PROVIDER_ALIASES.get(provider.lower())
             if name is None or not self.known(name):
@@ -71,16 +76,15 @@ class Providers:
                 raise UnknownModel("Unknown model; see /api/models for the ones offered")
         else:
             name = self.default
-            if name is None:
-                raise ProviderNotConfigured("No provider is configured")
-        served = self.serving.get(name)
-        if served is None:
-            raise ProviderNotConfigured(f"{LABELS[name]} API key not configured")
-        if model is None:
-            return served, served.models[0]
-        if model not in served.models:
+        if name is not None and model is not None and model not in self.models[name]:
             raise UnknownModel("Unknown model for this provider; see /api/models for the ones offered")
-        return served, model
+        return name, model
+
+    @staticmethod
+    def not_configured(name: str | None) -> ProviderNotConfigured:
+        if name is None:
+            return ProviderNotConfigured("No provider is configured")
+        return ProviderNotConfigured(f"{LABELS[name]} API key not configured")
 
     async def aclose(self) -> None:
         for provider in self.serving.values():

@@ -206,6 +206,8 @@ class RawStream:
                 deltas = parser.feed(data)
                 if deltas:
                     yield deltas
+                if parser.failed:
+                    raise UpstreamFormatError
         except UpstreamFormatError:
             raise UpstreamError(f"{self._label} sent a malformed stream") from None
         except (aiohttp.ClientError, OSError):

@@ -10,44 +10,37 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import re
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, post
-from litestar.datastructures import State
+from litestar import Request, post
 from litestar.di import Provide
-from litestar.response import Stream
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.types import ASGIApp
 
-from pwachat._native import SanitizeError, SseEncoder, sanitize_chat, sse_comment
-from pwachat.errors import ApiError, ErrorDetail, InvalidRequest, error_bytes
-from pwachat.providers import ChatInput, Provider, ProviderError, UpstreamError, UpstreamTimeout
+from pwachat._native import SanitizeError, sanitize_chat
+from pwachat.errors import ApiError, ErrorDetail, InvalidRequest
+from pwachat.providers import ChatInput, Provider, ProviderError, UpstreamTimeout
 from pwachat.ratelimit import caller_key, rate_limit_headers, refusal
+from pwachat.relay import EventStream, Pump
 from pwachat.routes.auth import authorize
-from pwachat.schemas import ChatRequest, ChatResponse, DoneEvent, StartEvent, Usage
+from pwachat.schemas import ChatRequest, ChatResponse, Usage
 from pwachat.security import client_ip
 from pwachat.services import Services
 
-__all__ = ["chat", "chat_stream", "open_streams"]
-
-log = logging.getLogger("pwachat.chat")
+__all__ = ["chat", "chat_stream"]
 
 _decode_request = msgspec.json.Decoder(ChatRequest).decode
 _encode = msgspec.json.Encoder().encode
-PING = sse_comment("ping")
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-_OPEN_STREAMS = 0
-
-
-def open_streams() -> int:
-    """Streams this process is relaying now (for /api/health's runtime block)."""
-    return _OPEN_STREAMS
+JSON_TYPE = (b"content-type", b"application/json")
+STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 
 
 class UnsupportedMediaType(ApiError):
@@ -65,7 +58,7 @@ class Prepared:
     chat_id: str
     provider: Provider
     chat: ChatInput
-    headers: dict[str, str]  # the rate-limit headers every later answer carries
+    headers: list[tuple[bytes, bytes]]  # the rate-limit headers every later answer carries
     log: dict[str, Any]
 
 
@@ -125,15 +118,28 @@ def _parse(body: bytes) -> ChatRequest:
         raise InvalidRequest(f"Invalid request: {detail.field} {detail.message}", details=[detail]) from None
 
 
+def _request_headers(scope: dict[str, Any]) -> tuple[str | None, str | None]:
+    """Content-Type and Content-Length, in one pass over the raw headers."""
+    ctype = length = None
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            ctype = value.decode("latin-1")
+        elif name == b"content-length":
+            length = value.decode("latin-1")
+    return ctype, length
+
+
 async def prepare(request: Request[Any, Any, Any], svc: Services) -> Prepared:
+    """Every check of the contract, in its order; returns what the provider call needs."""
     settings = svc.settings
-    fields: dict[str, Any] = request.scope["state"]["log"]
-    if not _is_json(request.headers.get("content-type")):
+    scope = request.scope
+    fields: dict[str, Any] = scope["state"]["log"]
+    ctype, length = _request_headers(scope)
+    if not _is_json(ctype):
         raise UnsupportedMediaType("Content-Type must be application/json")
-    length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
         raise PayloadTooLarge(f"Request body is larger than {settings.max_body_bytes} bytes")
-    token = authorize(request.scope, svc)
+    token = authorize(scope, svc)
     body = await request.body()  # Litestar enforces MAX_BODY_BYTES while reading chunked bodies
     req = _parse(body)
 
@@ -151,24 +157,28 @@ async def prepare(request: Request[Any, Any, Any], svc: Services) -> Prepared:
         if err.reason == "too_long":
             raise _invalid(field, f"is longer than {settings.max_message_chars} characters") from None
         raise _invalid(field, _SANITIZE_REASONS.get(err.reason, "is not valid text")) from None
+    # unknown_provider / unknown_model are validation (400, no quota); a provider without a key is
+    # decided after the rate limit, as the contract orders it ("then the rate limit, then the provider").
+    name, model = svc.providers.resolve(req.provider, req.model)
+    fields.update(provider=name, model=model)
 
-    provider, model = svc.providers.resolve(req.provider, req.model)
-    fields.update(provider=provider.name, model=model)
-
-    decision = await svc.limiter.hit(caller_key(client_ip(request.scope), token))
+    decision = await svc.limiter.hit(caller_key(client_ip(scope), token))
     if not decision.allowed:
         raise refusal(decision, svc.policy)
+    headers = rate_limit_headers(decision, svc.policy)
+    provider = svc.providers.serving.get(name)
+    if provider is None:
+        raise _with_headers(svc.providers.not_configured(name), headers)
     chat = ChatInput(
-        model=model,
+        model=model or provider.models[0],
         system=settings.system_prompt,
         history=[(h.role, c) for h, c in zip(history, contents, strict=True)],
         message=message,
         temperature=settings.temperature if req.temperature is None else req.temperature,
         max_tokens=settings.max_tokens if req.max_tokens is None else req.max_tokens,
     )
-    return Prepared(
-        "chat_" + os.urandom(12).hex(), provider, chat, rate_limit_headers(decision, svc.policy), fields
-    )
+    fields["model"] = chat.model
+    return Prepared("chat_" + os.urandom(12).hex(), provider, chat, headers, fields)
 
 
 _SANITIZE_REASONS = {
@@ -177,8 +187,8 @@ _SANITIZE_REASONS = {
 }
 
 
-def _with_headers(err: ApiError, headers: dict[str, str]) -> ApiError:
-    err.headers = {**headers, **err.headers}
+def _with_headers(err: ApiError, headers: list[tuple[bytes, bytes]]) -> ApiError:
+    err.headers = {**{k.decode(): v.decode() for k, v in headers}, **err.headers}
     return err
 
 
@@ -190,9 +200,31 @@ def _chat_body_schema(data: ChatRequest) -> None:  # pragma: no cover - never ca
 _schema_only = {"_chat_body": Provide(_chat_body_schema, sync_to_thread=False)}
 
 
-@post("/chat", dependencies=_schema_only, summary="Chat (one JSON answer)", status_code=200)
-async def chat(request: Request[Any, Any, Any], state: State) -> Response[ChatResponse]:
-    svc: Services = state.services
+class JsonAnswer:
+    """A finished 200 JSON answer as a bare ASGI app: the hot routes skip Litestar's Response."""
+
+    __slots__ = ("body", "headers")
+
+    def __init__(self, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.body = body
+        self.headers = [JSON_TYPE, (b"content-length", str(len(body)).encode()), *headers]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+# The handlers return bare ASGI apps (JsonAnswer, EventStream) and take only the request: Litestar's
+# signature parsing and Response building would cost more than the rest of a request (benches/).
+@post(
+    "/chat",
+    dependencies=_schema_only,
+    summary="Chat (one JSON answer)",
+    status_code=200,
+    responses={200: ResponseSpec(data_container=ChatResponse, description="The provider's whole answer")},
+)
+async def chat(request: Request[Any, Any, Any]) -> ASGIApp:
+    svc: Services = request.app.state.services
     p = await prepare(request, svc)
     try:
         async with asyncio.timeout(svc.settings.upstream_timeout_s):
@@ -211,160 +243,40 @@ async def chat(request: Request[Any, Any, Any], state: State) -> Response[ChatRe
         finish_reason=done.finish_reason,
         usage=Usage(done.input_tokens, done.output_tokens),
     )
-    return Response(body, headers=p.headers)
+    return JsonAnswer(_encode(body), p.headers)
 
 
-@post("/chat/stream", dependencies=_schema_only, summary="Chat (Server-Sent Events)", status_code=200)
-async def chat_stream(request: Request[Any, Any, Any], state: State) -> Stream:
-    svc: Services = state.services
+@post(
+    "/chat/stream",
+    dependencies=_schema_only,
+    summary="Chat (Server-Sent Events)",
+    status_code=200,
+    responses={
+        200: ResponseSpec(
+            data_container=str,
+            media_type="text/event-stream",
+            description="`start`, then `delta` events as the provider sends text, then `done` or `error`",
+        )
+    },
+)
+async def chat_stream(request: Request[Any, Any, Any]) -> ASGIApp:
+    svc: Services = request.app.state.services
+    settings = svc.settings
     p = await prepare(request, svc)
     p.log.update(stream=True, events=0, output_chars=0)
-    pump = Pump(p.provider, p.chat, svc.settings.upstream_timeout_s)
+    pump = Pump(p.provider, p.chat, settings.upstream_timeout_s)
     # Not answered within a heartbeat: commit anyway, and let heartbeats cover the rest of the wait.
-    if await pump.wait_opened(svc.settings.sse_heartbeat_s) and pump.error is not None and not pump.opened:
+    if await pump.wait_opened(settings.sse_heartbeat_s) and pump.error is not None and not pump.opened:
         p.log["error"] = pump.error.code
         raise _with_headers(pump.error, p.headers)
-    return Stream(
-        _relay(p, pump, svc.settings, request.scope["state"]["request_id"]),
-        media_type="text/event-stream",
-        headers={**p.headers, **STREAM_HEADERS},
+    return EventStream(
+        pump=pump,
+        chat_id=p.chat_id,
+        provider=p.provider.name,
+        model=p.chat.model,
+        headers=[*STREAM_HEADERS, *p.headers],
+        fields=p.log,
+        request_id=request.scope["state"]["request_id"],
+        heartbeat_s=settings.sse_heartbeat_s,
+        gap_s=settings.upstream_timeout_s,
     )
-
-
-class Pump:
-    """Owns the upstream: opens it, reads its delta batches into a buffer, closes it, whatever happens.
-
-    Running in its own task lets the relay wait on it with a deadline (for heartbeats) without
-    cancelling a read half-way, and lets a client disconnect cancel it cleanly: cancelling the task
-    closes the upstream connection from inside the task that opened it.
-    """
-
-    def __init__(self, provider: Provider, chat: ChatInput, timeout_s: float) -> None:
-        self.buf: list[str] = []
-        self.opened = False
-        self.done = False
-        self.error: ProviderError | None = None
-        self.finish_reason = "stop"
-        self.input_tokens = 0
-        self.output_tokens = 0
-        self._wake = asyncio.Event()
-        self._timeout_s = timeout_s
-        self.task = asyncio.get_running_loop().create_task(self._run(provider, chat))
-
-    async def _run(self, provider: Provider, chat: ChatInput) -> None:
-        stream = None
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                stream = await provider.open_stream(chat)
-            self.opened = True
-            self._wake.set()
-            async for batch in stream:
-                self.buf.extend(batch)
-                self._wake.set()
-            self.finish_reason = stream.finish_reason
-            self.input_tokens = stream.input_tokens
-            self.output_tokens = stream.output_tokens
-        except TimeoutError:
-            self.error = UpstreamTimeout("The provider did not answer in time")
-        except ProviderError as err:
-            self.error = err
-        except Exception:
-            log.exception("provider stream failed", extra={"provider": provider.name})
-            self.error = UpstreamError("The provider failed")
-        finally:
-            self.done = True
-            self._wake.set()
-            if stream is not None:
-                await stream.aclose()
-
-    async def wait(self, timeout_s: float) -> bool:
-        """Wait until there is something to do (deltas, the end); False when the time ran out."""
-        self._wake.clear()
-        if self.buf or self.done:
-            return True
-        try:
-            async with asyncio.timeout(max(timeout_s, 0)):
-                await self._wake.wait()
-        except TimeoutError:
-            return False
-        return True
-
-    async def wait_opened(self, timeout_s: float) -> bool:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while not (self.opened or self.done):
-            if not await self.wait(deadline - loop.time()):
-                return False
-        return True
-
-    def take(self) -> list[str]:
-        out, self.buf = self.buf, []
-        return out
-
-    def cancel(self) -> None:
-        if not self.task.done():
-            self.task.cancel()
-
-
-def _error_event(enc: SseEncoder, err: ApiError, request_id: str) -> bytes:
-    return enc.event("error", error_bytes(err.code, err.message, request_id))
-
-
-async def _relay(p: Prepared, pump: Pump, settings: Any, request_id: str) -> AsyncIterator[bytes]:
-    global _OPEN_STREAMS  # noqa: PLW0603 - a per-process gauge, read by /api/health
-    _OPEN_STREAMS += 1
-    loop = asyncio.get_running_loop()
-    enc = SseEncoder()
-    fields = p.log
-    heartbeat = settings.sse_heartbeat_s
-    gap_limit = settings.upstream_timeout_s
-    events = 1
-    chars = 0
-    try:
-        yield enc.event("start", _encode(StartEvent(p.chat_id, p.provider.name, p.chat.model)))
-        fields["events"] = events
-        last_sent = last_chunk = loop.time()
-        while True:
-            if pump.buf:
-                pieces = pump.take()
-                out = enc.deltas(pieces)
-                events = enc.next_id
-                chars += sum(map(len, pieces))
-                fields.update(events=events, output_chars=chars)
-                last_sent = last_chunk = loop.time()
-                yield out
-                continue
-            if pump.done:
-                if pump.error is not None:
-                    fields["error"] = pump.error.code
-                    yield _error_event(enc, pump.error, request_id)
-                else:
-                    fields.update(
-                        finish_reason=pump.finish_reason,
-                        input_tokens=pump.input_tokens,
-                        output_tokens=pump.output_tokens,
-                    )
-                    usage = Usage(pump.input_tokens, pump.output_tokens)
-                    yield enc.event("done", _encode(DoneEvent(pump.finish_reason, usage)))
-                fields["events"] = events + 1
-                return
-            now = loop.time()
-            if not pump.opened:
-                last_chunk = now  # the head's own deadline is enforced inside the pump
-            if await pump.wait(min(last_sent + heartbeat, last_chunk + gap_limit) - now):
-                continue
-            now = loop.time()
-            if pump.opened and now >= last_chunk + gap_limit:
-                pump.cancel()
-                fields["error"] = "upstream_timeout"
-                yield _error_event(enc, UpstreamTimeout("The provider stopped sending"), request_id)
-                fields["events"] = events + 1
-                return
-            if now >= last_sent + heartbeat:
-                yield PING
-                last_sent = now
-    finally:
-        _OPEN_STREAMS -= 1
-        if not pump.done:
-            fields["client_gone"] = True
-        pump.cancel()

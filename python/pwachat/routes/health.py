@@ -11,7 +11,7 @@ from litestar.datastructures import State
 
 from pwachat import __version__
 from pwachat.errors import error_bytes
-from pwachat.routes.chat import open_streams
+from pwachat.relay import open_streams
 from pwachat.schemas import HealthResponse, ProviderHealth, RateLimitHealth, RuntimeHealth, StatusResponse
 from pwachat.services import Services
 

@@ -1,0 +1,923 @@
+"""End to end through the real providers' code paths: `pwachat serve` talking to the fake upstream.
+
+The OpenAI and Anthropic modules, the pooled HTTP path with its retries, the stream commit rule (JSON error
+before commit, `error` event after), heartbeats, the gap timeout and client disconnects, all seen from a
+socket client on one side and the fake upstream's records on the other. Times from the fake's records are
+`time.monotonic()` values, which on Linux share one clock with this process.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from conftest import LEAKS
+from fake_upstream import FakeUpstream
+from reference import parse_sse
+from server import Server, free_port, sse_request, start_server, stop_server
+
+pytestmark = pytest.mark.e2e
+
+OPENAI_KEY = "sk-test-openai"
+ANTHROPIC_KEY = "sk-ant-test"
+SYSTEM_PROMPT = "You are the provider test oracle."
+OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o")
+ANTHROPIC_MODELS = ("claude-haiku-4-5", "claude-sonnet-4-5")
+UPSTREAM_SECRET = "upstream-detail-f00b4r"  # the provider's own error text: never in our answers
+NEVER_SHOWN = (*LEAKS, OPENAI_KEY, ANTHROPIC_KEY, UPSTREAM_SECRET)
+RATE_HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit-policy")
+UNLIMITED = {"RATELIMIT_PER_MINUTE": "100000", "RATELIMIT_PER_HOUR": "100000", "RATELIMIT_PER_DAY": "100000"}
+
+DEFAULT_MODEL = {"openai": OPENAI_MODELS[0], "claude": ANTHROPIC_MODELS[0]}
+# request `provider` -> (the fake's provider name, the provider our answers name)
+PROVIDERS = {
+    "openai": ("openai", "openai"),
+    "claude": ("anthropic", "claude"),
+    "anthropic": ("anthropic", "claude"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: one fake upstream, a few servers (one per timing configuration)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeUpstream]:
+    with FakeUpstream(OPENAI_KEY, ANTHROPIC_KEY) as upstream:
+        yield upstream
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fake(fake: FakeUpstream) -> Iterator[None]:
+    fake.reset()
+    yield
+    fake.reset()
+
+
+def provider_env(fake: FakeUpstream, **env: str) -> dict[str, str]:
+    return {
+        "OPENAI_API_KEY": OPENAI_KEY,
+        "OPENAI_BASE_URL": fake.openai_base_url,
+        "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
+        "ANTHROPIC_BASE_URL": fake.anthropic_base_url,
+        "OPENAI_MODELS": ",".join(OPENAI_MODELS),
+        "ANTHROPIC_MODELS": ",".join(ANTHROPIC_MODELS),
+        "SYSTEM_PROMPT": SYSTEM_PROMPT,
+        "TEMPERATURE": "0.3",
+        "MAX_TOKENS": "800",
+        "UPSTREAM_MAX_RETRIES": "0",
+        "WORKERS": "1",
+        **UNLIMITED,
+        **env,
+    }
+
+
+def _serve(tmp: pytest.TempPathFactory, name: str, env: dict[str, str]) -> Iterator[Server]:
+    srv = start_server(tmp.mktemp(name), **env)
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def main(tmp_path_factory: pytest.TempPathFactory, fake: FakeUpstream) -> Iterator[Server]:
+    """Both providers, no retries, the default (long) heartbeat and timeout."""
+    yield from _serve(tmp_path_factory, "main", provider_env(fake))
+
+
+@pytest.fixture(scope="module")
+def beating(tmp_path_factory: pytest.TempPathFactory, fake: FakeUpstream) -> Iterator[Server]:
+    """A short heartbeat (0.3 s), a long upstream timeout."""
+    env = provider_env(fake, SSE_HEARTBEAT_S="0.3", UPSTREAM_TIMEOUT_S="20")
+    yield from _serve(tmp_path_factory, "beating", env)
+
+
+@pytest.fixture(scope="module")
+def impatient(tmp_path_factory: pytest.TempPathFactory, fake: FakeUpstream) -> Iterator[Server]:
+    """An upstream timeout (1 s) shorter than the heartbeat (5 s)."""
+    env = provider_env(fake, SSE_HEARTBEAT_S="5", UPSTREAM_TIMEOUT_S="1")
+    yield from _serve(tmp_path_factory, "impatient", env)
+
+
+@pytest.fixture(scope="module")
+def retrying(tmp_path_factory: pytest.TempPathFactory, fake: FakeUpstream) -> Iterator[Server]:
+    """The SDKs' default retry count (2)."""
+    yield from _serve(tmp_path_factory, "retrying", provider_env(fake, UPSTREAM_MAX_RETRIES="2"))
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory: pytest.TempPathFactory, fake: FakeUpstream) -> Iterator[Server]:
+    """No OpenAI key; Anthropic pointed at a port where nothing listens (connection refused)."""
+    env = provider_env(fake, ANTHROPIC_BASE_URL=f"http://127.0.0.1:{free_port()}")
+    del env["OPENAI_API_KEY"], env["OPENAI_BASE_URL"]
+    yield from _serve(tmp_path_factory, "partial", env)
+
+
+# --------------------------------------------------------------------------------------------
+# A socket client that sees each SSE event (and comment) when it arrives
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    kind: str  # "event" or "comment"
+    name: str  # the event type, or the comment's text
+    data: str
+    id: str
+    at: float  # time.monotonic() when the bytes that completed it were read
+
+
+class SseReader:
+    """Reads a POST /api/chat/stream answer incrementally: the head, then one item per blank-line block."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.body = b""  # everything after the head, transfer coding undone
+        self.eof = False
+        self._raw = b""
+        self._chunked = False
+        self._pending = b""
+        self._queue: list[Item] = []
+
+    def _recv(self, deadline: float) -> tuple[bytes, float]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the server sent nothing in time")
+        self.sock.settimeout(left)
+        data = self.sock.recv(65536)
+        return data, time.monotonic()
+
+    def read_head(self, timeout: float = 15.0) -> tuple[int, dict[str, str]]:
+        deadline = time.monotonic() + timeout
+        while b"\r\n\r\n" not in self._raw:
+            data, _ = self._recv(deadline)
+            if not data:
+                raise AssertionError(f"connection closed before the response head: {self._raw!r}")
+            self._raw += data
+        head, _, rest = self._raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split()[1])
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        self._chunked = self.headers.get("transfer-encoding", "").lower() == "chunked"
+        self._raw = b""
+        if rest:
+            self._feed(rest, time.monotonic())
+        return self.status, self.headers
+
+    def _feed(self, data: bytes, at: float) -> None:
+        """Take what one recv() returned (b"" is the end of the connection)."""
+        if not data:
+            self.eof = True
+        self._raw += data
+        if self._chunked:
+            while True:
+                size_line, sep, rest = self._raw.partition(b"\r\n")
+                if not sep:
+                    break
+                size = int(size_line.split(b";")[0], 16)
+                if size == 0:
+                    self.eof = True
+                    self._raw = b""
+                    break
+                if len(rest) < size + 2:
+                    break
+                self._add(rest[:size])
+                self._raw = rest[size + 2 :]
+        else:
+            self._add(self._raw)
+            self._raw = b""
+        while b"\n\n" in self._pending:
+            block, _, self._pending = self._pending.partition(b"\n\n")
+            events, comments = parse_sse(block + b"\n\n")
+            self._queue += [Item("comment", c, "", "", at) for c in comments]
+            self._queue += [Item("event", e.type, e.data, e.last_event_id, at) for e in events]
+
+    def _add(self, data: bytes) -> None:
+        self.body += data
+        self._pending += data
+
+    def next_item(self, timeout: float = 15.0) -> Item | None:
+        """The next event or comment; None once the stream has ended."""
+        deadline = time.monotonic() + timeout
+        while not self._queue:
+            if self.eof:
+                return None
+            self._feed(*self._recv(deadline))
+        return self._queue.pop(0)
+
+    def read_events(self, count: int, timeout: float = 15.0) -> list[Item]:
+        """Read until `count` events have arrived (comments included in what is returned)."""
+        items: list[Item] = []
+        while sum(i.kind == "event" for i in items) < count:
+            item = self.next_item(timeout)
+            assert item is not None, f"the stream ended early: {items}"
+            items.append(item)
+        return items
+
+    def read_rest(self, timeout: float = 20.0) -> list[Item]:
+        deadline = time.monotonic() + timeout
+        items = []
+        while (item := self.next_item(deadline - time.monotonic())) is not None:
+            items.append(item)
+        return items
+
+
+def open_stream(srv: Server, payload: dict[str, Any], request_id: str | None = None) -> SseReader:
+    headers = f"X-Request-ID: {request_id}\r\n" if request_id else ""
+    return SseReader(sse_request(srv.port, json.dumps(payload).encode(), headers))
+
+
+def stream(
+    srv: Server, payload: dict[str, Any], request_id: str | None = None
+) -> tuple[int, dict[str, str], list[Item], bytes]:
+    reader = open_stream(srv, payload, request_id)
+    with reader.sock:
+        status, headers = reader.read_head()
+        items = reader.read_rest()
+    return status, headers, items, reader.body
+
+
+def events(items: list[Item]) -> list[Item]:
+    return [i for i in items if i.kind == "event"]
+
+
+def check_stream(items: list[Item], body: bytes) -> tuple[dict[str, Any], list[str], Item]:
+    """The contract's sequence: one start, non-empty deltas, one terminal event last (nothing after it).
+
+    Returns the start payload, the delta contents and the terminal event."""
+    assert b"\r" not in body and body.endswith(b"\n\n"), body[-200:]
+    evs = events(items)
+    assert [int(e.id) for e in evs] == list(range(len(evs))), evs
+    assert evs[0].name == "start", evs
+    assert evs[-1].name in ("done", "error"), evs
+    assert items[-1] == evs[-1], f"something came after the terminal event: {items}"
+    middle = evs[1:-1]
+    assert all(e.name == "delta" for e in middle), evs
+    contents = [json.loads(e.data)["content"] for e in middle]
+    assert all(isinstance(c, str) and c for c in contents), contents
+    return json.loads(evs[0].data), contents, evs[-1]
+
+
+def check_json_error(
+    status: int,
+    headers: dict[str, str],
+    body: bytes,
+    want: int,
+    code: str,
+    *,
+    absent: tuple[str, ...] = (),
+    rate_headers: bool = True,
+) -> dict[str, Any]:
+    """The contract's error envelope as plain JSON (not a stream), with the rate-limit headers."""
+    assert status == want, (status, body)
+    assert headers["content-type"].startswith("application/json"), headers
+    doc = json.loads(body)
+    assert set(doc) == {"error"}, doc
+    err = doc["error"]
+    assert err["code"] == code, err
+    assert isinstance(err["message"], str) and err["message"].strip(), err
+    assert err["request_id"] == headers["x-request-id"], (err, headers)
+    for name in RATE_HEADERS if rate_headers else ():
+        assert name in headers, (name, headers)
+    text = body.decode()
+    for needle in (*NEVER_SHOWN, *absent):
+        assert needle not in text, f"{needle!r} leaked into {text}"
+    return err
+
+
+def both_endpoints(srv: Server, payload: dict[str, Any]) -> Iterator[tuple[str, int, dict[str, str], bytes]]:
+    """The same request to /api/chat and to /api/chat/stream (read whole): (path, status, headers, body)."""
+    yield ("/api/chat", *srv.post_json("/api/chat", payload))
+    status, headers, _, body = stream(srv, payload)
+    yield ("/api/chat/stream", status, headers, body)
+
+
+def health_runtime(srv: Server) -> dict[str, int]:
+    status, _, raw = srv.request("GET", "/api/health")
+    assert status == 200
+    return json.loads(raw)["runtime"]
+
+
+def poll(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.02)  # polling interval under a deadline
+
+
+def access_line(srv: Server, request_id: str) -> dict[str, Any]:
+    """This request's access log line (written when its response has ended)."""
+
+    def find() -> dict[str, Any] | None:
+        if not srv.app_log.exists():
+            return None
+        for line in srv.app_log.read_text().splitlines():
+            if request_id in line:
+                rec = json.loads(line)
+                if rec.get("logger") == "pwachat.access" and rec.get("request_id") == request_id:
+                    return rec
+        return None
+
+    return poll(find, 10.0, f"the access line of {request_id}")
+
+
+def one_record(fake: FakeUpstream, provider: str) -> dict[str, Any]:
+    records = fake.requests(provider)
+    assert len(records) == 1, records
+    return records[0]
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Both providers end to end
+# --------------------------------------------------------------------------------------------
+
+HISTORY = [
+    {"role": "user", "content": "First question"},
+    {"role": "assistant", "content": "First answer"},
+    {"role": "user", "content": "Second question"},
+    {"role": "assistant", "content": "Second answer"},
+]
+ANSWER = ("Two ", "plus ", "two ", "is ", "four.")
+
+
+def chat_payload(provider: str, **extra: Any) -> dict[str, Any]:
+    # The message is sanitised (CRLF, outer white space) before it reaches the provider.
+    return {
+        "message": "  What is 2 + 2?\r\nExactly.  ",
+        "provider": provider,
+        "history": HISTORY,
+        "temperature": 0.25,
+        "max_tokens": 321,
+        **extra,
+    }
+
+
+def check_upstream_request(rec: dict[str, Any], upstream: str, *, stream: bool) -> None:
+    """What the provider received: auth + SDK identification headers, the server's system prompt, the
+    history in order, the sanitised message, temperature, max_tokens and the stream flags."""
+    headers, body = rec["headers"], rec["body"]
+    turns = [*HISTORY, {"role": "user", "content": "What is 2 + 2?\nExactly."}]
+    assert body["temperature"] == 0.25 and body["max_tokens"] == 321
+    assert headers.get("x-stainless-lang") == "python", headers
+    if upstream == "openai":
+        assert rec["path"] == "/v1/chat/completions"
+        assert headers["authorization"] == f"Bearer {OPENAI_KEY}"
+        assert "openai" in headers["user-agent"].lower(), headers
+        assert body["messages"] == [{"role": "system", "content": SYSTEM_PROMPT}, *turns]
+        if stream:
+            assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+        else:
+            assert not body.get("stream") and "stream_options" not in body
+    else:
+        assert rec["path"] == "/v1/messages"
+        # The real API takes `x-api-key`; anthropic>=2 sends the key as a bearer token instead.
+        auth = headers.get("authorization", "")
+        assert headers.get("x-api-key") == ANTHROPIC_KEY or auth == f"Bearer {ANTHROPIC_KEY}", headers
+        assert headers["anthropic-version"], headers
+        assert "anthropic" in headers["user-agent"].lower(), headers
+        assert body["system"] == SYSTEM_PROMPT
+        assert body["messages"] == turns
+        assert body.get("stream", False) is stream
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_chat_answers_through_the_provider(main: Server, fake: FakeUpstream, provider: str) -> None:
+    upstream, name = PROVIDERS[provider]
+    fake.behave(upstream, deltas=list(ANSWER), input_tokens=17, output_tokens=5)
+    status, _, raw = main.post_json("/api/chat", chat_payload(provider))
+    assert status == 200, raw
+    answer = json.loads(raw)
+    assert answer["id"].startswith("chat_")
+    assert answer["provider"] == name and answer["model"] == DEFAULT_MODEL[name]
+    assert answer["response"] == "".join(ANSWER)
+    assert answer["finish_reason"] == "stop"
+    assert answer["usage"] == {"input_tokens": 17, "output_tokens": 5}
+    check_upstream_request(one_record(fake, upstream), upstream, stream=False)
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_stream_answers_through_the_provider(main: Server, fake: FakeUpstream, provider: str) -> None:
+    upstream, name = PROVIDERS[provider]
+    fake.behave(upstream, deltas=list(ANSWER), input_tokens=17, output_tokens=5)
+    status, headers, items, body = stream(main, chat_payload(provider))
+    assert status == 200
+    assert headers["content-type"].startswith("text/event-stream")
+    assert headers["cache-control"] == "no-cache" and headers["x-accel-buffering"] == "no"
+    start, contents, end = check_stream(items, body)
+    assert start["provider"] == name and start["id"].startswith("chat_")
+    assert start["model"] == DEFAULT_MODEL[name]
+    assert contents == list(ANSWER)  # one delta event per upstream delta, even when they come in one read
+    assert end.name == "done"
+    # Usage arrives in `done`.
+    assert json.loads(end.data) == {
+        "finish_reason": "stop",
+        "usage": {"input_tokens": 17, "output_tokens": 5},
+    }
+    check_upstream_request(one_record(fake, upstream), upstream, stream=True)
+
+
+def test_models_lists_both_providers_with_the_first_configured_model_as_default(main: Server) -> None:
+    status, _, raw = main.request("GET", "/api/models")
+    assert status == 200
+    models = json.loads(raw)["models"]
+    for name, configured in (("openai", OPENAI_MODELS), ("claude", ANTHROPIC_MODELS)):
+        mine = [m for m in models if m["provider"] == name]
+        assert [m["id"] for m in mine] == list(configured)
+        assert [m["id"] for m in mine if m["default"]] == [configured[0]]
+
+
+@pytest.mark.parametrize(
+    ("fields", "upstream", "name", "model"),
+    [
+        ({"provider": "openai"}, "openai", "openai", OPENAI_MODELS[0]),
+        ({"provider": "openai", "model": "gpt-4o"}, "openai", "openai", "gpt-4o"),
+        ({"provider": "claude"}, "anthropic", "claude", ANTHROPIC_MODELS[0]),
+        ({"provider": "anthropic", "model": "claude-sonnet-4-5"}, "anthropic", "claude", "claude-sonnet-4-5"),
+        ({"model": "claude-sonnet-4-5"}, "anthropic", "claude", "claude-sonnet-4-5"),
+    ],
+)
+def test_model_defaults_and_choices_reach_the_provider(
+    main: Server, fake: FakeUpstream, fields: dict[str, str], upstream: str, name: str, model: str
+) -> None:
+    """Default model = the first configured; a chosen one is passed through; temperature and max_tokens
+    default to the server's TEMPERATURE and MAX_TOKENS."""
+    status, _, raw = main.post_json("/api/chat", {"message": "hi", **fields})
+    assert status == 200, raw
+    answer = json.loads(raw)
+    assert (answer["provider"], answer["model"]) == (name, model)
+    _, _, items, body = stream(main, {"message": "hi", **fields})
+    start, _, end = check_stream(items, body)
+    assert (start["provider"], start["model"], end.name) == (name, model, "done")
+    records = fake.requests(upstream)
+    assert len(records) == 2
+    for rec in records:
+        assert rec["body"]["model"] == model
+        assert rec["body"]["temperature"] == 0.3 and rec["body"]["max_tokens"] == 800
+
+
+@pytest.mark.parametrize(
+    ("provider", "upstream_reason", "expected"),
+    [
+        ("openai", None, "stop"),
+        ("openai", "length", "length"),
+        ("openai", "content_filter", "content_filter"),
+        ("claude", None, "stop"),  # the fake's default: end_turn
+        ("claude", "end_turn", "stop"),
+        ("claude", "max_tokens", "length"),
+        ("claude", "stop_sequence", "stop"),
+    ],
+)
+def test_finish_reason_is_normalised_in_the_answer_and_in_done(
+    main: Server, fake: FakeUpstream, provider: str, upstream_reason: str | None, expected: str
+) -> None:
+    upstream, _ = PROVIDERS[provider]
+    fake.behave(upstream, deltas=["a", "b"], finish_reason=upstream_reason, input_tokens=3, output_tokens=2)
+    status, _, raw = main.post_json("/api/chat", {"message": "hi", "provider": provider})
+    assert status == 200
+    answer = json.loads(raw)
+    assert answer["finish_reason"] == expected and answer["usage"] == {"input_tokens": 3, "output_tokens": 2}
+    _, _, items, body = stream(main, {"message": "hi", "provider": provider})
+    _, _, end = check_stream(items, body)
+    assert json.loads(end.data) == {
+        "finish_reason": expected,
+        "usage": {"input_tokens": 3, "output_tokens": 2},
+    }
+
+
+@pytest.mark.parametrize("provider", ["openai", "claude"])
+def test_max_tokens_cut_is_length(main: Server, fake: FakeUpstream, provider: str) -> None:
+    """The provider stops at the client's max_tokens with its own spelling (length / max_tokens)."""
+    upstream, _ = PROVIDERS[provider]
+    fake.behave(upstream, deltas=["one ", "two ", "three ", "four"])
+    payload = {"message": "count", "provider": provider, "max_tokens": 2}
+    status, _, raw = main.post_json("/api/chat", payload)
+    assert status == 200
+    answer = json.loads(raw)
+    assert (answer["response"], answer["finish_reason"]) == ("one two ", "length")
+    assert answer["usage"]["output_tokens"] == 2
+    _, _, items, body = stream(main, payload)
+    _, contents, end = check_stream(items, body)
+    assert contents == ["one ", "two "]
+    assert json.loads(end.data)["finish_reason"] == "length"
+
+
+TRICKY = ["Line one\n", '  "quoted" \\ back', "ünïcødé 🎉 ", "\ttab\r\nCRLF", '{"json": [1]}', " </script>"]
+
+
+@pytest.mark.parametrize("provider", ["openai", "claude"])
+def test_stream_deltas_concatenate_to_the_chat_response(
+    main: Server, fake: FakeUpstream, provider: str
+) -> None:
+    upstream, _ = PROVIDERS[provider]
+    fake.behave(upstream, deltas=TRICKY)
+    status, _, raw = main.post_json("/api/chat", {"message": "hi", "provider": provider})
+    assert status == 200
+    response = json.loads(raw)["response"]
+    assert response == "".join(TRICKY)
+    _, _, items, body = stream(main, {"message": "hi", "provider": provider})
+    _, contents, end = check_stream(items, body)
+    assert end.name == "done"
+    assert contents == TRICKY  # one event per upstream delta, newlines inside data JSON-escaped
+    assert "".join(contents) == response
+
+
+def test_a_provider_without_a_key_is_not_offered_and_answers_503(partial: Server) -> None:
+    status, _, raw = partial.request("GET", "/api/models")
+    assert status == 200
+    assert {m["provider"] for m in json.loads(raw)["models"]} == {"claude", "echo"}
+    for path, status, headers, body in both_endpoints(partial, {"message": "hi", "provider": "openai"}):
+        err = check_json_error(status, headers, body, 503, "provider_not_configured", rate_headers=False)
+        assert err["message"] == "OpenAI API key not configured", path
+
+
+def test_provider_not_configured_comes_after_the_rate_limit(partial: Server) -> None:
+    """The contract's order: validation, then the rate limit, then the provider; only 400/401/413/415 are
+    refused before the limit. So the 503 carries the rate-limit headers and uses up one request."""
+    remaining = []
+    for _ in range(2):
+        status, headers, body = partial.post_json("/api/chat", {"message": "hi", "provider": "openai"})
+        check_json_error(status, headers, body, 503, "provider_not_configured", rate_headers=False)
+        assert "x-ratelimit-remaining" in headers, headers
+        remaining.append(int(headers["x-ratelimit-remaining"]))
+    assert remaining[1] == remaining[0] - 1
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Each upstream delta is relayed as soon as it arrives
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("provider", ["openai", "claude"])
+def test_each_delta_is_relayed_before_the_provider_sends_the_next(
+    main: Server, fake: FakeUpstream, provider: str
+) -> None:
+    upstream, _ = PROVIDERS[provider]
+    interval = 0.5
+    deltas = ["Once", " upon", " a time"]
+    fake.behave(upstream, deltas=deltas, chunk_interval_s=interval)
+    reader = open_stream(main, {"message": "story", "provider": provider})
+    with reader.sock:
+        assert reader.read_head()[0] == 200
+        first = reader.read_events(2)
+        rec = one_record(fake, upstream)
+        assert not rec["completed"] and rec["deltas_sent"] < len(deltas), rec  # the first came on its own
+        items = first + reader.read_rest()
+    _, contents, end = check_stream(items, reader.body)
+    assert contents == deltas and end.name == "done"
+    # The fake sends delta i (1-based) no earlier than head + i * interval: delta i must be here before
+    # delta i + 1 has even left the fake.
+    head_sent = fake.requests(upstream)[0]["head_sent_at"]
+    arrived = [e.at for e in events(items) if e.name == "delta"]
+    for i, at in enumerate(arrived[:-1], start=1):
+        assert at < head_sent + (i + 1) * interval, (i, at - head_sent)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. The commit rule: quick failures are JSON with their real status; later ones are one `error` event
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("provider", "behaviour", "want", "code", "retry_after"),
+    [
+        ("openai", {"status": 401}, 502, "upstream_error", None),
+        ("claude", {"status": 401}, 502, "upstream_error", None),
+        ("openai", {"status": 403}, 502, "upstream_error", None),
+        ("openai", {"status": 400}, 502, "upstream_error", None),  # the provider's own 400
+        ("claude", {"status": 400}, 502, "upstream_error", None),
+        ("openai", {"status": 429, "retry_after": 7}, 503, "upstream_rate_limited", "7"),
+        ("claude", {"status": 429, "retry_after": 7}, 503, "upstream_rate_limited", "7"),
+        ("openai", {"status": 429, "retry_after_ms": 2500}, 503, "upstream_rate_limited", "3"),
+        ("claude", {"status": 429, "retry_after_ms": 2500}, 503, "upstream_rate_limited", "3"),
+        ("openai", {"status": 500}, 502, "upstream_error", None),
+        ("openai", {"status": 503}, 502, "upstream_error", None),
+        ("claude", {"status": 500}, 502, "upstream_error", None),
+        ("claude", {"status": 529}, 502, "upstream_error", None),
+    ],
+)
+def test_quick_upstream_failure_is_json_with_its_real_status(
+    main: Server,
+    fake: FakeUpstream,
+    provider: str,
+    behaviour: dict[str, Any],
+    want: int,
+    code: str,
+    retry_after: str | None,
+) -> None:
+    upstream, _ = PROVIDERS[provider]
+    fake.behave(upstream, error_message=UPSTREAM_SECRET, **behaviour)
+    for path, status, headers, body in both_endpoints(main, {"message": "hi", "provider": provider}):
+        check_json_error(status, headers, body, want, code)
+        if retry_after is not None:
+            assert headers.get("retry-after") == retry_after, (path, headers)
+    assert len(fake.requests(upstream)) == 2  # no retries here (UPSTREAM_MAX_RETRIES=0)
+
+
+def test_connection_refused_is_a_json_502(partial: Server) -> None:
+    for _, status, headers, body in both_endpoints(partial, {"message": "hi", "provider": "claude"}):
+        check_json_error(status, headers, body, 502, "upstream_error")
+
+
+@pytest.mark.parametrize("provider", ["openai", "claude"])
+def test_malformed_answer_is_502(main: Server, fake: FakeUpstream, provider: str) -> None:
+    """A 200 whose body is not the provider's JSON, and a connection cut before any answer."""
+    upstream, _ = PROVIDERS[provider]
+    fake.behave(upstream, malformed=True)
+    check_json_error(
+        *main.post_json("/api/chat", {"message": "hi", "provider": provider}), 502, "upstream_error"
+    )
+    fake.reset()
+    fake.behave(upstream, drop_after=0)
+    check_json_error(
+        *main.post_json("/api/chat", {"message": "hi", "provider": provider}), 502, "upstream_error"
+    )
+
+
+@pytest.mark.parametrize("provider", ["openai", "claude"])
+def test_timeout_shorter_than_the_heartbeat_is_a_json_504(
+    impatient: Server, fake: FakeUpstream, provider: str
+) -> None:
+    upstream, _ = PROVIDERS[provider]
+    fake.behave(upstream, head_delay_s=4)
+    for _, status, headers, body in both_endpoints(impatient, {"message": "hi", "provider": provider}):
+        check_json_error(status, headers, body, 504, "upstream_timeout")
+    # Giving up also hangs up on the provider.
+    fake.wait_for(lambda rs: len(rs) == 2 and all(r["client_gone"] for r in rs), timeout=5)
+
+
+@pytest.mark.parametrize("provider", ["openai", "claude"])
+def test_chat_whose_body_is_too_slow_is_504(impatient: Server, fake: FakeUpstream, provider: str) -> None:
+    upstream, _ = PROVIDERS[provider]
+    fake.behave(upstream, deltas=["a", "b"], chunk_interval_s=2)  # non-streamed: the whole body after 4 s
+    status, headers, body = impatient.post_json("/api/chat", {"message": "hi", "provider": provider})
+    check_json_error(status, headers, body, 504, "upstream_timeout")
+
+
+@pytest.mark.parametrize("provider", ["openai", "claude"])
+def test_a_slow_provider_gets_heartbeats_before_its_answer(
+    beating: Server, fake: FakeUpstream, provider: str
+) -> None:
+    upstream, _ = PROVIDERS[provider]
+    fake.behave(upstream, deltas=["slow ", "answer"], head_delay_s=1.2)
+    status, headers, items, body = stream(beating, {"message": "hi", "provider": provider})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    _, contents, end = check_stream(items, body)
+    assert contents == ["slow ", "answer"] and end.name == "done"
+    kinds = [(i.kind, i.name) for i in items]
+    assert kinds[0] == ("event", "start")
+    first_delta = kinds.index(("event", "delta"))
+    assert ("comment", "ping") in kinds[1:first_delta], kinds
+    # Committed on the heartbeat, before the provider had answered its head.
+    head_sent = one_record(fake, upstream)["head_sent_at"]
+    assert items[0].at < head_sent, (items[0].at, head_sent)
+
+
+@pytest.mark.parametrize("provider", ["openai", "claude"])
+def test_pings_while_the_provider_is_silent_mid_stream(
+    beating: Server, fake: FakeUpstream, provider: str
+) -> None:
+    upstream, _ = PROVIDERS[provider]
+    fake.behave(upstream, deltas=["tick ", "tock"], chunk_interval_s=0.8)
+    status, _, items, body = stream(beating, {"message": "hi", "provider": provider})
+    assert status == 200
+    _, contents, end = check_stream(items, body)
+    assert contents == ["tick ", "tock"] and end.name == "done"
+    kinds = [(i.kind, i.name) for i in items]
+    first, second = (n for n, k in enumerate(kinds) if k == ("event", "delta"))
+    assert ("comment", "ping") in kinds[first + 1 : second], kinds
+    assert all(i.name == "ping" for i in items if i.kind == "comment")
+
+
+PACED = {"chunk_interval_s": 0.05}  # each upstream event in a network read of its own
+
+
+@pytest.mark.parametrize(
+    ("provider", "behaviour", "sent", "code"),
+    [
+        pytest.param("openai", {"drop_after": 2}, 2, "upstream_error", id="openai-drop"),
+        pytest.param("claude", {"drop_after": 2}, 2, "upstream_error", id="claude-drop"),
+        pytest.param("openai", {"error_event_after": 3}, 3, "upstream_error", id="openai-error-event"),
+        pytest.param("claude", {"error_event_after": 3}, 3, "upstream_error", id="claude-overloaded-event"),
+        pytest.param(
+            "claude",
+            {"error_event_after": 1, "error_type": "rate_limit_error"},
+            1,
+            "upstream_rate_limited",
+            id="claude-rate-limit-event",
+        ),
+        pytest.param(
+            "openai",
+            {"malformed": True, "malformed_after": 2, **PACED},
+            2,
+            "upstream_error",
+            id="openai-malformed-paced",
+        ),
+        pytest.param(
+            "claude",
+            {"malformed": True, "malformed_after": 2, **PACED},
+            2,
+            "upstream_error",
+            id="claude-malformed-paced",
+        ),
+    ],
+)
+def test_mid_stream_failure_ends_with_one_error_event(
+    main: Server, fake: FakeUpstream, provider: str, behaviour: dict[str, Any], sent: int, code: str
+) -> None:
+    upstream, _ = PROVIDERS[provider]
+    deltas = ["d0 ", "d1 ", "d2 ", "d3 ", "d4"]
+    fake.behave(upstream, deltas=deltas, error_message=UPSTREAM_SECRET, **behaviour)
+    status, headers, items, body = stream(main, {"message": "hi", "provider": provider})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    _, contents, end = check_stream(items, body)  # also: nothing after the terminal event, stream closed
+    assert contents == deltas[:sent]
+    assert end.name == "error"
+    err = json.loads(end.data)["error"]
+    assert err["code"] == code and err["message"], err
+    assert sum(e.name in ("done", "error") for e in events(items)) == 1
+    for needle in NEVER_SHOWN:
+        assert needle not in body.decode(), needle
+
+
+@pytest.mark.parametrize("provider", ["openai", "claude"])
+def test_deltas_read_together_with_a_malformed_event_are_still_relayed(
+    main: Server, fake: FakeUpstream, provider: str
+) -> None:
+    """Unpaced, the good deltas usually reach the server in the same network read as the bad event after
+    them; they arrived before the failure, so they are relayed before the `error` event all the same. (How
+    the bytes are split into reads is up to the kernel, so a few streams are tried.)"""
+    upstream, _ = PROVIDERS[provider]
+    deltas = ["d0 ", "d1 ", "d2 ", "d3 "]
+    fake.behave(upstream, deltas=deltas, malformed=True, malformed_after=2)
+    for attempt in range(5):
+        status, _, items, body = stream(main, {"message": "hi", "provider": provider})
+        assert status == 200
+        _, contents, end = check_stream(items, body)
+        assert end.name == "error" and json.loads(end.data)["error"]["code"] == "upstream_error"
+        assert contents == deltas[:2], f"stream {attempt}: the deltas before the malformed event were lost"
+
+
+@pytest.mark.parametrize("provider", ["openai", "claude"])
+def test_a_gap_between_chunks_longer_than_the_timeout_is_an_error_event(
+    impatient: Server, fake: FakeUpstream, provider: str
+) -> None:
+    upstream, _ = PROVIDERS[provider]
+    fake.behave(upstream, deltas=["never ", "sent"], chunk_interval_s=3)  # head at once, then 3 s of silence
+    status, _, items, body = stream(impatient, {"message": "hi", "provider": provider})
+    assert status == 200
+    _, contents, end = check_stream(items, body)
+    assert contents == [] and end.name == "error"
+    assert json.loads(end.data)["error"]["code"] == "upstream_timeout"
+    rec = fake.wait_for(lambda rs: rs and rs[0]["finished_at"] is not None and rs[0], timeout=5)
+    assert rec["client_gone"] and rec["deltas_sent"] == 0
+
+
+@pytest.mark.parametrize("provider", ["openai", "claude"])
+def test_the_log_line_records_the_output_relayed_before_the_upstream_died(
+    main: Server, fake: FakeUpstream, provider: str
+) -> None:
+    upstream, _ = PROVIDERS[provider]
+    fake.behave(upstream, deltas=["alpha ", "beta ", "gamma ", "delta"], drop_after=3)
+    request_id = f"drop-{uuid.uuid4().hex}"
+    status, _, items, body = stream(main, {"message": "hi", "provider": provider}, request_id)
+    assert status == 200
+    _, contents, end = check_stream(items, body)
+    assert end.name == "error" and contents == ["alpha ", "beta ", "gamma "]
+    line = access_line(main, request_id)
+    assert line["status"] == 200 and line["stream"] is True
+    assert line["output_chars"] == len("".join(contents))
+    assert line["error"] == "upstream_error"
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Client disconnects cancel the upstream request
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("provider", ["openai", "claude"])
+def test_client_disconnect_closes_the_upstream_within_one_second(
+    main: Server, fake: FakeUpstream, provider: str
+) -> None:
+    upstream, _ = PROVIDERS[provider]
+    # Long silences: neither the provider nor a heartbeat gives the server a write that would fail.
+    fake.behave(upstream, deltas=["a", "b", "c"], chunk_interval_s=2.0)
+    reader = open_stream(main, {"message": "hi", "provider": provider})
+    with reader.sock:
+        assert reader.read_head()[0] == 200
+        got = reader.read_events(2)
+        assert [i.name for i in events(got)] == ["start", "delta"]
+        closed_at = time.monotonic()
+    rec = fake.wait_for(lambda rs: rs and rs[0]["finished_at"] is not None and rs[0], timeout=10)
+    assert rec["client_gone"], rec
+    assert rec["gone_at"] - closed_at <= 1.0, rec["gone_at"] - closed_at
+    assert rec["deltas_sent"] == 1  # nothing more generated (and paid for) after the reader left
+
+
+def _read_two_and_leave(srv: Server, provider: str) -> None:
+    reader = open_stream(srv, {"message": "hi", "provider": provider})
+    with reader.sock:
+        assert reader.read_head()[0] == 200
+        reader.read_events(2)
+
+
+def test_200_disconnects_leave_tasks_and_upstream_connections_where_they_started(
+    main: Server, fake: FakeUpstream
+) -> None:
+    fake.behave("openai", deltas=["x"], chunks=400, chunk_interval_s=0.05)
+    fake.behave("anthropic", deltas=["y"], chunks=400, chunk_interval_s=0.05)
+    fake.wait_for(lambda _: fake.stats()["in_flight"] == 0, timeout=10)
+    before = health_runtime(main)
+    connections_before = fake.open_connections()
+    assert before["open_streams"] == 0
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        jobs = [pool.submit(_read_two_and_leave, main, ("openai", "claude")[n % 2]) for n in range(200)]
+        for job in jobs:
+            job.result()
+
+    records = fake.wait_for(
+        lambda rs: len(rs) == 200 and all(r["finished_at"] is not None for r in rs) and rs, timeout=30
+    )
+    assert all(r["client_gone"] for r in records), [r for r in records if not r["client_gone"]][:3]
+    assert max(r["deltas_sent"] for r in records) < 400
+
+    def settled() -> dict[str, int] | None:
+        now = health_runtime(main)
+        return now if now["open_streams"] == 0 and now["tasks"] <= before["tasks"] else None
+
+    try:
+        after = poll(settled, 10.0, "tasks and streams back to where they started")
+    except AssertionError:
+        raise AssertionError(f"before {before}, now {health_runtime(main)}") from None
+    assert after["pid"] == before["pid"]
+    poll(lambda: fake.open_connections() <= connections_before, 10.0, "upstream connections closed")
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Retries: only before a stream starts
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("provider", "status"), [("openai", 500), ("openai", 429), ("claude", 529), ("claude", 503)]
+)
+@pytest.mark.parametrize("path", ["/api/chat", "/api/chat/stream"])
+def test_failures_before_the_answer_are_retried(
+    retrying: Server, fake: FakeUpstream, provider: str, status: int, path: str
+) -> None:
+    upstream, _ = PROVIDERS[provider]
+    fake.behave(upstream, deltas=["third ", "time"])
+    fake.behave(upstream, count=2, status=status, retry_after_ms=1)
+    payload = {"message": "hi", "provider": provider}
+    if path == "/api/chat":
+        got, _, raw = retrying.post_json(path, payload)
+        assert got == 200, raw
+        assert json.loads(raw)["response"] == "third time"
+    else:
+        got, _, items, body = stream(retrying, payload)
+        assert got == 200
+        _, contents, end = check_stream(items, body)
+        assert "".join(contents) == "third time" and end.name == "done"
+    assert [r["status"] for r in fake.requests(upstream)] == [status, status, 200]
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/chat/stream"])
+def test_retries_stop_after_max_retries(retrying: Server, fake: FakeUpstream, path: str) -> None:
+    fake.behave("openai", status=500, retry_after_ms=1)
+    status, headers, body = _any_endpoint(retrying, path, {"message": "hi", "provider": "openai"})
+    check_json_error(status, headers, body, 502, "upstream_error")
+    assert len(fake.requests("openai")) == 3  # the first try and UPSTREAM_MAX_RETRIES=2 retries
+
+
+def _any_endpoint(srv: Server, path: str, payload: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+    if path == "/api/chat":
+        return srv.post_json(path, payload)
+    status, headers, _, body = stream(srv, payload)
+    return status, headers, body
+
+
+@pytest.mark.parametrize("provider", ["openai", "claude"])
+def test_a_stream_that_started_is_never_retried(retrying: Server, fake: FakeUpstream, provider: str) -> None:
+    upstream, _ = PROVIDERS[provider]
+    fake.behave(upstream, deltas=["once ", "only ", "this"], drop_after=1)
+    status, _, items, body = stream(retrying, {"message": "hi", "provider": provider})
+    assert status == 200
+    _, contents, end = check_stream(items, body)
+    assert contents == ["once "] and end.name == "error"
+    assert len(fake.requests(upstream)) == 1
