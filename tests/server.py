@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -75,8 +77,14 @@ def start_server(tmp: Path, **env: str) -> Server:
     app_log = tmp / f"app-{port}.log"
     full_env = clean_env(PORT=str(port), HOST="127.0.0.1", LOG_FILE=str(app_log), **env)
     with open(out, "wb") as sink:
+        # Its own process group, so that stopping it stops its workers too, whatever state they are in.
         proc = subprocess.Popen(
-            [*PWACHAT, "serve"], cwd=tmp, env=full_env, stdout=sink, stderr=subprocess.STDOUT
+            [*PWACHAT, "serve"],
+            cwd=tmp,
+            env=full_env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     server = Server(port, proc, out, app_log)
     deadline = time.monotonic() + 30
@@ -108,6 +116,8 @@ def children(pid: int) -> list[int]:
 
 
 def stop_server(server: Server) -> None:
+    """SIGTERM (Granian's graceful stop), then SIGKILL for whatever of the group is left."""
+    group = server.proc.pid
     if server.proc.poll() is None:
         server.proc.terminate()
         try:
@@ -115,6 +125,8 @@ def stop_server(server: Server) -> None:
         except subprocess.TimeoutExpired:
             server.proc.kill()
             server.proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)  # a worker still finishing its streams
 
 
 def sse_request(port: int, payload: bytes, headers: str = "") -> socket.socket:

@@ -18,7 +18,7 @@ import msgspec
 
 from pwachat.settings import Settings
 
-__all__ = ["JsonFormatter", "access_log", "setup_logging"]
+__all__ = ["JsonFormatter", "TeeHandler", "access_log", "setup_logging"]
 
 _encode = msgspec.json.Encoder(enc_hook=str).encode
 
@@ -45,15 +45,41 @@ class JsonFormatter(logging.Formatter):
         return _encode(line).decode()
 
 
+class TeeHandler(logging.Handler):
+    """Formats each record once and writes the line to stdout and, if set, the log file.
+
+    (Two stock handlers would format every line twice: the access line is on every request.)
+    The file is opened in append mode: several worker processes share it, one write per line.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        super().__init__()
+        self.file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in close()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if self.file is not None:
+                self.file.write(line)
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        super().close()
+
+
 def setup_logging(settings: Settings) -> None:
     """Route every logger (ours, Litestar's, Granian's) to JSON lines; safe to call again."""
     formatter = JsonFormatter()
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if settings.log_file:
-        path = Path(settings.log_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Append mode: several worker processes share the file; one short write per line.
-        handlers.append(logging.FileHandler(path, mode="a", encoding="utf-8"))
+    handlers: list[logging.Handler] = [TeeHandler(Path(settings.log_file) if settings.log_file else None)]
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "_pwachat", False):

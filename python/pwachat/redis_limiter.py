@@ -192,6 +192,7 @@ class RedisBackend:
         if isinstance(err, TimeoutError):
             self._timeouts += 1
             if self._timeouts < STRIKES:
+                log.info("Redis call timed out; decided locally", extra={"event": "redis_timeout"})
                 return
         self._mark_down("Redis unreachable; limiting per process until it answers")
 

@@ -143,15 +143,24 @@ class EdgeMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"server"]
-                names = {k.lower() for k, _ in headers}
-                headers.extend(extra_headers)
-                if b"content-security-policy" not in names:
+                # One pass over the app's headers (ASGI header names are lower-case bytes).
+                headers = []
+                csp = cache = json = False
+                for name, value in message.get("headers", ()):
+                    if name == b"server":
+                        continue
+                    if name == b"content-security-policy":
+                        csp = True
+                    elif name == b"cache-control":
+                        cache = True
+                    elif name == b"content-type":
+                        json = b"json" in value
+                    headers.append((name, value))
+                headers += extra_headers
+                if not csp:
                     headers.append((b"content-security-policy", JSON_CSP))
-                if b"cache-control" not in names:
-                    ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"")
-                    if b"json" in ctype:
-                        headers.append((b"cache-control", b"no-store"))
+                if json and not cache:
+                    headers.append((b"cache-control", b"no-store"))
                 message["headers"] = headers
             await send(message)
 
