@@ -65,11 +65,12 @@ def test_burst_across_instances_admits_exactly_the_limit(cluster: list[Server], 
     away_from_minute_edge()
     results = burst(cluster, "burst", 200)
     statuses = [s for s, _ in results]
-    assert statuses.count(200) == 20
+    if statuses.count(200) != 20:  # say what the limiter logged, to tell a Redis stall from a bug
+        lines = [json.loads(ln) for srv in cluster for ln in srv.app_log.read_text().splitlines()]
+        pytest.fail(
+            f"{statuses.count(200)} admitted; limiter events: {[x['event'] for x in lines if 'event' in x]}"
+        )
     assert statuses.count(429) == 180
-    if statuses.count(200) != 20:
-        events = [json.loads(ln).get("event") for srv in cluster for ln in srv.app_log.read_text().splitlines()]
-        pytest.fail(f"{statuses.count(200)} admitted; limiter events: {[e for e in events if e]}")
     retry = [int(h["retry-after"]) for s, h in results if s == 429]
     # The minute bucket is full: a slot frees when its count has faded in the next minute,
     # between 3 s and 63 s from now with a limit of 20 (see limiter.rs).

@@ -164,54 +164,50 @@ class EventStream:
         self.gap_s = gap_s
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        global _open_streams
+        global _open_streams  # a per-process gauge, read by /api/health
         _open_streams += 1
-        pump = self.pump
-        gone = asyncio.get_running_loop().create_task(_until_disconnect(receive))
-        gone.add_done_callback(pump.poke)
+        watcher: list[asyncio.Task[None]] = []
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-            await self._relay(send, gone)
+            await self._relay(receive, send, watcher)
         except (OSError, RuntimeError):
             # Sending to a client that has gone: nothing more to say to it.
             self.fields["client_gone"] = True
         finally:
             _open_streams -= 1
-            gone.cancel()
-            if not pump.done:
+            if watcher:
+                watcher[0].cancel()
+            if not self.pump.done:
                 self.fields["client_gone"] = True
-            pump.cancel()
+            self.pump.cancel()
 
-    async def _relay(self, send: Any, gone: asyncio.Task[None]) -> None:
+    async def _relay(self, receive: Any, send: Any, watcher: list[asyncio.Task[None]]) -> None:
+        """Frames go out as soon as nothing more is at hand: everything that arrived together
+        (the start event and the first deltas, the last deltas and `done`) leaves in one send,
+        and nothing is ever held back while waiting for the provider."""
         loop = asyncio.get_running_loop()
         pump = self.pump
         fields = self.fields
         enc = SseEncoder()
         chars = 0
-        body = {"type": "http.response.body", "body": b"", "more_body": True}
-
-        async def out(frame: bytes) -> None:
-            body["body"] = frame
-            await send(body)
-            fields["events"] = enc.next_id
-
-        await out(enc.event("start", _encode(StartEvent(self.chat_id, self.provider, self.model))))
+        pending = [enc.event("start", _encode(StartEvent(self.chat_id, self.provider, self.model)))]
+        gone: asyncio.Task[None] | None = None
         last_sent = last_chunk = loop.time()
         while True:
-            if gone.done():
+            if gone is not None and gone.done():
                 fields["client_gone"] = True
                 return
             if pump.buf:
                 pieces = pump.take()
                 chars += sum(map(len, pieces))
                 fields["output_chars"] = chars
-                last_sent = last_chunk = loop.time()
-                await out(enc.deltas(pieces))
+                last_chunk = loop.time()
+                pending.append(enc.deltas(pieces))
                 continue
             if pump.done:
                 if pump.error is not None:
                     fields["error"] = pump.error.code
-                    frame = self._error(enc, pump.error)
+                    pending.append(self._error(enc, pump.error))
                 else:
                     fields.update(
                         finish_reason=pump.finish_reason,
@@ -219,11 +215,21 @@ class EventStream:
                         output_tokens=pump.output_tokens,
                     )
                     usage = Usage(pump.input_tokens, pump.output_tokens)
-                    frame = enc.event("done", _encode(DoneEvent(pump.finish_reason, usage)))
-                body["more_body"] = False
-                await out(frame)
+                    pending.append(enc.event("done", _encode(DoneEvent(pump.finish_reason, usage))))
+                await send({"type": "http.response.body", "body": b"".join(pending), "more_body": False})
+                fields["events"] = enc.next_id
                 return
             now = loop.time()
+            if pending:
+                await send({"type": "http.response.body", "body": b"".join(pending), "more_body": True})
+                fields["events"] = enc.next_id
+                pending.clear()
+                last_sent = now
+            if gone is None:
+                # Only a stream that has to wait needs to hear about the client leaving meanwhile.
+                gone = loop.create_task(_until_disconnect(receive))
+                gone.add_done_callback(pump.poke)
+                watcher.append(gone)
             if not pump.opened:
                 last_chunk = now  # the head's own deadline is enforced inside the pump
             if await pump.wait(min(last_sent + self.heartbeat_s, last_chunk + self.gap_s) - now):
@@ -232,8 +238,9 @@ class EventStream:
             if pump.opened and now >= last_chunk + self.gap_s:
                 pump.cancel()
                 fields["error"] = "upstream_timeout"
-                body["more_body"] = False
-                await out(self._error(enc, UpstreamTimeout("The provider stopped sending")))
+                frame = self._error(enc, UpstreamTimeout("The provider stopped sending"))
+                await send({"type": "http.response.body", "body": frame, "more_body": False})
+                fields["events"] = enc.next_id
                 return
             if now >= last_sent + self.heartbeat_s:
                 await send({"type": "http.response.body", "body": PING, "more_body": True})
