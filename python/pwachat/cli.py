@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pwachat.settings import ConfigError, Settings
@@ -38,6 +39,15 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     from pwachat.logging import setup_logging
 
     setup_logging(settings)
+    from pwachat.providers import wire
+
+    try:
+        handoff = wire.wire_for_workers(settings)
+    except ConfigError as err:
+        print(f"pwachat: configuration error: {err}", file=sys.stderr)
+        return 2
+    if handoff:
+        os.environ[wire.ENV_VAR] = handoff  # inherited by the workers Granian starts
     host = args.host or settings.host
     port = args.port or settings.port
     workers = args.workers or settings.workers

@@ -94,14 +94,17 @@ class Providers:
 def build_providers(settings: Settings) -> Providers:
     """Make one client per configured provider; called in the app's lifespan, closed at shutdown."""
     serving: dict[str, Provider] = {}
-    if settings.openai_api_key:
+    if settings.openai_api_key or settings.anthropic_api_key:
+        # Imported here: these pull in aiohttp, which an echo-only server never needs.
+        from pwachat.providers import wire
+        from pwachat.providers.anthropic import AnthropicProvider
         from pwachat.providers.openai import OpenAIProvider
 
-        serving["openai"] = OpenAIProvider(settings)
-    if settings.anthropic_api_key:
-        from pwachat.providers.anthropic import AnthropicProvider
-
-        serving["claude"] = AnthropicProvider(settings)
+        sdk = wire.load(settings)
+        if settings.openai_api_key:
+            serving["openai"] = OpenAIProvider(settings, **sdk["openai"])
+        if settings.anthropic_api_key:
+            serving["claude"] = AnthropicProvider(settings, **sdk["claude"])
     if settings.echo_provider:
         from pwachat.providers.echo import EchoProvider
 

@@ -1,6 +1,6 @@
 """The lean, pooled HTTP path to a provider, shared by the OpenAI and Anthropic modules.
 
-The SDKs configure the client (base URL, auth and default headers, retry count); the request itself
+The SDKs configure the client (base URL, auth and default headers: providers/wire.py); the request itself
 goes through one pooled aiohttp session and the answer is read raw: JSON bodies are decoded by
 msgspec into the few fields we use, streams are parsed by the native `UpstreamParser`. The SDKs'
 own transport and per-chunk model building cost far more than the relay itself (see benches/).
@@ -18,7 +18,6 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from email.utils import parsedate_to_datetime
-from typing import Any
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -32,7 +31,7 @@ from pwachat.providers.base import (
     normalise_finish_reason,
 )
 
-__all__ = ["RawStream", "UpstreamHTTP", "error_for_status", "read_body", "retry_after_s", "sdk_headers"]
+__all__ = ["RawStream", "UpstreamHTTP", "error_for_status", "read_body", "retry_after_s"]
 
 _RETRY_STATUSES = {408, 409, 429}
 _MAX_RETRY_AFTER_S = 60.0
@@ -77,17 +76,6 @@ def error_for_status(
     if status < 500:
         return UpstreamError(f"{label} refused the request (HTTP {status})")
     return UpstreamError(f"{label} failed (HTTP {status})")
-
-
-def sdk_headers(client: Any) -> dict[str, str]:
-    """What the SDK client sends on every request: identification, version and auth headers.
-
-    Taken from the SDK rather than written here, so that its conventions (e.g. how a key is sent)
-    follow the SDK version installed. `Omit` placeholders are dropped.
-    """
-    headers = {k: v for k, v in client.default_headers.items() if isinstance(v, str)}
-    headers.update(client.auth_headers)
-    return headers
 
 
 class UpstreamHTTP:

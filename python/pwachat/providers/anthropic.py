@@ -7,11 +7,10 @@ or the native stream parser.
 
 from __future__ import annotations
 
-import anthropic
 import msgspec
 from multidict import CIMultiDictProxy
 
-from pwachat.providers._http import RawStream, UpstreamHTTP, error_for_status, read_body, sdk_headers
+from pwachat.providers._http import RawStream, UpstreamHTTP, error_for_status, read_body
 from pwachat.providers.base import (
     ChatInput,
     Completion,
@@ -68,18 +67,14 @@ class AnthropicProvider:
     name = "claude"
     label = LABEL
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, base_url: str, headers: dict[str, str]) -> None:
+        # base_url and headers are the SDK client's own (providers/wire.py).
         self.models = settings.anthropic_models
-        self.sdk = anthropic.AsyncAnthropic(
-            api_key=settings.anthropic_api_key,
-            base_url=settings.anthropic_base_url,
-            max_retries=settings.upstream_max_retries,
-        )
         self.http = UpstreamHTTP(
             label=LABEL,
-            base_url=str(self.sdk.base_url),
-            headers=sdk_headers(self.sdk),
-            max_retries=self.sdk.max_retries,
+            base_url=base_url,
+            headers=headers,
+            max_retries=settings.upstream_max_retries,
             map_status=_map_status,
         )
 
@@ -119,4 +114,3 @@ class AnthropicProvider:
 
     async def aclose(self) -> None:
         await self.http.aclose()
-        await self.sdk.close()

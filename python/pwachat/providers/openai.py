@@ -8,10 +8,9 @@ URL, the auth and identification headers, the retry count. Requests go through t
 from __future__ import annotations
 
 import msgspec
-import openai
 from multidict import CIMultiDictProxy
 
-from pwachat.providers._http import RawStream, UpstreamHTTP, error_for_status, read_body, sdk_headers
+from pwachat.providers._http import RawStream, UpstreamHTTP, error_for_status, read_body
 from pwachat.providers.base import (
     ChatInput,
     Completion,
@@ -65,18 +64,14 @@ class OpenAIProvider:
     name = "openai"
     label = LABEL
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, base_url: str, headers: dict[str, str]) -> None:
+        # base_url and headers are the SDK client's own (providers/wire.py).
         self.models = settings.openai_models
-        self.sdk = openai.AsyncOpenAI(
-            api_key=settings.openai_api_key,
-            base_url=settings.openai_base_url,
-            max_retries=settings.upstream_max_retries,
-        )
         self.http = UpstreamHTTP(
             label=LABEL,
-            base_url=str(self.sdk.base_url),
-            headers=sdk_headers(self.sdk),
-            max_retries=self.sdk.max_retries,
+            base_url=base_url,
+            headers=headers,
+            max_retries=settings.upstream_max_retries,
             map_status=_map_status,
         )
 
@@ -119,4 +114,3 @@ class OpenAIProvider:
 
     async def aclose(self) -> None:
         await self.http.aclose()
-        await self.sdk.close()
