@@ -1,4 +1,4 @@
-"""The providers' base URLs and headers come from the official SDK clients (providers/wire.py)."""
+"""The providers' base URLs and headers come from the official SDK clients (pwachat/wire.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import anthropic
 import openai
 
-from pwachat.providers import wire
+from pwachat import wire
 from pwachat.settings import Settings
 
 KEYS = {"OPENAI_API_KEY": "sk-wire-openai", "ANTHROPIC_API_KEY": "sk-wire-anthropic", "LOG_FILE": ""}

@@ -34,12 +34,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(settings: Settings, args: argparse.Namespace) -> int:
     from granian import Granian
-    from granian.constants import Interfaces
+    from granian.constants import HTTPModes, Interfaces
 
     from pwachat.logging import setup_logging
 
     setup_logging(settings)
-    from pwachat.providers import wire
+    from pwachat import wire
 
     try:
         handoff = wire.wire_for_workers(settings)
@@ -58,6 +58,9 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         "pwachat.app:create_app_from_env",
         factory=True,
         interface=Interfaces.ASGI,
+        # HTTP/1.1 only: browsers speak HTTP/2 only over TLS, which the proxy in front terminates,
+        # and Granian's HTTP/2 readiness costs ~10 KB per open connection (1,000 streams: 10 MB).
+        http=HTTPModes.http1,
         address=host,
         port=port,
         workers=workers,

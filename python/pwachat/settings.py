@@ -75,7 +75,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "INFO"
     log_file: str | None = "logs/app.log"
     # Internal: the providers' SDK-derived base URLs and headers, handed from `pwachat serve` to its
-    # workers (see providers/wire.py); not something to set by hand.
+    # workers (see pwachat/wire.py); not something to set by hand.
     provider_wire: str | None = None
 
     @property

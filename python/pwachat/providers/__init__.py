@@ -96,7 +96,7 @@ def build_providers(settings: Settings) -> Providers:
     serving: dict[str, Provider] = {}
     if settings.openai_api_key or settings.anthropic_api_key:
         # Imported here: these pull in aiohttp, which an echo-only server never needs.
-        from pwachat.providers import wire
+        from pwachat import wire
         from pwachat.providers.anthropic import AnthropicProvider
         from pwachat.providers.openai import OpenAIProvider
 

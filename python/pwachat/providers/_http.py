@@ -1,6 +1,6 @@
 """The lean, pooled HTTP path to a provider, shared by the OpenAI and Anthropic modules.
 
-The SDKs configure the client (base URL, auth and default headers: providers/wire.py); the request itself
+The SDKs configure the client (base URL, auth and default headers: pwachat/wire.py); the request itself
 goes through one pooled aiohttp session and the answer is read raw: JSON bodies are decoded by
 msgspec into the few fields we use, streams are parsed by the native `UpstreamParser`. The SDKs'
 own transport and per-chunk model building cost far more than the relay itself (see benches/).

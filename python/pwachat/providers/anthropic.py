@@ -68,7 +68,7 @@ class AnthropicProvider:
     label = LABEL
 
     def __init__(self, settings: Settings, base_url: str, headers: dict[str, str]) -> None:
-        # base_url and headers are the SDK client's own (providers/wire.py).
+        # base_url and headers are the SDK client's own (pwachat/wire.py).
         self.models = settings.anthropic_models
         self.http = UpstreamHTTP(
             label=LABEL,

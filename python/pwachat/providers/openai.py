@@ -65,7 +65,7 @@ class OpenAIProvider:
     label = LABEL
 
     def __init__(self, settings: Settings, base_url: str, headers: dict[str, str]) -> None:
-        # base_url and headers are the SDK client's own (providers/wire.py).
+        # base_url and headers are the SDK client's own (pwachat/wire.py).
         self.models = settings.openai_models
         self.http = UpstreamHTTP(
             label=LABEL,

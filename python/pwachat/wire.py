@@ -1,9 +1,12 @@
 """What the official SDKs would send: base URL and headers, taken from the SDK clients themselves.
 
+(A top-level module, not in providers/, so that `pwachat serve`'s supervisor process can use it
+without importing the app.)
+
 The `openai` and `anthropic` SDKs stay the source of truth for client configuration and auth
 conventions (default base URL, how the key is sent, the API version, identification headers), but
 importing them costs a worker about 70 MB of memory that the hot path never uses. So `pwachat serve`
-asks them once, in a short-lived subprocess (`python -m pwachat.providers.wire`), and hands the
+asks them once, in a short-lived subprocess (`python -m pwachat.wire`), and hands the
 answer to the workers in `PWACHAT_PROVIDER_WIRE`; a worker without it (tests building the app in
 process) asks the SDKs itself.
 """
@@ -55,7 +58,7 @@ def wire_for_workers(settings: Settings) -> str | None:
     if not (settings.openai_api_key or settings.anthropic_api_key):
         return None
     done = subprocess.run(
-        [sys.executable, "-m", "pwachat.providers.wire"],
+        [sys.executable, "-m", "pwachat.wire"],
         capture_output=True,
         text=True,
         env={k: v for k, v in os.environ.items() if k != ENV_VAR},
