@@ -21,6 +21,7 @@ How the pieces fit:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -28,7 +29,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
 from pwachat._native import Decision, RateLimiter
@@ -43,6 +44,7 @@ log = logging.getLogger("pwachat.ratelimit")
 REDIS_TIMEOUT_S = 0.05
 RECONNECT_INTERVAL_S = 0.5
 STRIKES = 3
+MAX_IDLE_CONNECTIONS = 32
 KEY_PREFIX = "pwachat:rl:"
 #: Admissions remembered for replay after an outage, as (key, second) counts; beyond this many
 #: distinct pairs the oldest are dropped (memory bound over a very long outage).
@@ -113,7 +115,11 @@ class RedisBackend:
             retry_on_timeout=False,
             health_check_interval=0,
         )
-        self.script = self.redis.register_script(CHECK_LUA)  # EVALSHA, loading the script on NOSCRIPT
+        self.sha = hashlib.sha1(CHECK_LUA.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+        # The check's own connections: redis-py's Connection objects (URL, auth, TLS, RESP parsing
+        # with hiredis), used one command at a time without the client and pool layers, which
+        # cost more than the round trip itself (benches/test_bench_limits.py).
+        self._idle: list[Any] = []
         self.args_consume = ["1", *(str(v) for q, w in self.windows for v in (q, w * 1000))]
         self.args_peek = ["0", *self.args_consume[1:]]
         self.up = False
@@ -132,9 +138,37 @@ class RedisBackend:
         else:
             self.up = True
 
+    async def _evalsha(self, key: str, args: list[str]) -> list[Any]:
+        conn = self._idle.pop() if self._idle else self.redis.connection_pool.make_connection()
+        try:
+            await conn.connect()  # no-op when connected
+            try:
+                await conn.send_packed_command(
+                    conn.pack_command("EVALSHA", self.sha, 1, KEY_PREFIX + key, *args), check_health=False
+                )
+                raw = await conn.read_response()
+            except NoScriptError:  # a Redis restarted since we loaded it
+                await conn.send_packed_command(
+                    conn.pack_command("SCRIPT", "LOAD", CHECK_LUA), check_health=False
+                )
+                await conn.read_response()
+                await conn.send_packed_command(
+                    conn.pack_command("EVALSHA", self.sha, 1, KEY_PREFIX + key, *args), check_health=False
+                )
+                raw = await conn.read_response()
+        except BaseException:
+            # Timed out, cancelled or broken half-way: the connection's state is unknown.
+            await conn.disconnect(nowait=True)
+            raise
+        if len(self._idle) < MAX_IDLE_CONNECTIONS:
+            self._idle.append(conn)
+        else:
+            await conn.disconnect()
+        return raw
+
     async def _call(self, key: str, args: list[str]) -> tuple[bool, float, list[tuple[int, int]]]:
         async with asyncio.timeout(REDIS_TIMEOUT_S):
-            raw: list[Any] = await self.script(keys=[KEY_PREFIX + key], args=args)
+            raw = await self._evalsha(key, args)
         ints = [int(x) for x in raw]
         counts = [(ints[i], ints[i + 1]) for i in range(2, len(ints), 2)]
         return bool(ints[0]), ints[1] / 1000, counts
@@ -213,6 +247,10 @@ class RedisBackend:
                 await self._replay()
             except (RedisError, OSError, TimeoutError):
                 continue
+            # Connections from before the outage are dead; start afresh.
+            stale, self._idle = self._idle, []
+            for conn in stale:
+                await conn.disconnect(nowait=True)
             self.up = True
             self._timeouts = 0
             self._reconnect = None
@@ -244,4 +282,7 @@ class RedisBackend:
         self._closing = True
         if self._reconnect is not None:
             self._reconnect.cancel()
+        for conn in self._idle:
+            await conn.disconnect()
+        self._idle.clear()
         await self.redis.aclose()
