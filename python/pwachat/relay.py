@@ -1,16 +1,18 @@
 """Relaying a provider's stream to the client as the contract's SSE events.
 
-`Pump` owns the upstream; `EventStream` is the response: a bare ASGI app that the stream route
-returns once the stream is committed. It sends frames itself, rather than through Litestar's
-`Stream`, because this is the hot path: one task per stream (the pump) plus one waiting for the
-client to leave, no task group, and each network read of the upstream becomes one native parse,
-one native framing call and one `send`.
+`open_upstream` starts the provider request in a task of its own, so that the route can wait for
+the response head for up to `SSE_HEARTBEAT_S` (answering a quick failure as JSON) and, past that,
+commit the stream and keep waiting with heartbeats. `EventStream` is the committed response: a
+bare ASGI app, rather than Litestar's `Stream`, because this is the hot path. Once the head is in,
+the relay pulls batches of deltas from the provider stream itself, in the request's own task: each
+network read of the upstream becomes one native parse, one native framing call and one `send`,
+with no task hand-off in between.
 
 Timing rules (contract, "POST /api/chat/stream"):
-- `UPSTREAM_TIMEOUT_S` bounds the wait for the provider's head (inside the pump) and each gap
-  between two chunks (here); either ends the stream with an `upstream_timeout` error event.
+- `UPSTREAM_TIMEOUT_S` bounds the wait for the provider's head (retries included) and each gap
+  between two chunks; either ends a committed stream with an `upstream_timeout` error event.
 - While the provider is silent for `SSE_HEARTBEAT_S`, a `: ping` comment goes out.
-- The client leaving cancels the pump at once, which closes the upstream connection.
+- The client leaving closes the upstream connection at once.
 """
 
 from __future__ import annotations
@@ -23,10 +25,17 @@ import msgspec
 
 from pwachat._native import SseEncoder, sse_comment
 from pwachat.errors import ApiError, error_bytes
-from pwachat.providers import ChatInput, Provider, ProviderError, UpstreamError, UpstreamTimeout
+from pwachat.providers import (
+    ChatInput,
+    Provider,
+    ProviderError,
+    ProviderStream,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from pwachat.schemas import DoneEvent, StartEvent, Usage
 
-__all__ = ["EventStream", "Pump", "open_streams"]
+__all__ = ["EventStream", "open_streams", "open_upstream"]
 
 log = logging.getLogger("pwachat.relay")
 
@@ -40,84 +49,32 @@ def open_streams() -> int:
     return _open_streams
 
 
-class Pump:
-    """Owns the upstream: opens it, reads its delta batches into a buffer, closes it, whatever happens.
+async def _open(provider: Provider, chat: ChatInput, timeout_s: float) -> ProviderStream:
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await provider.open_stream(chat)
+    except TimeoutError:
+        raise UpstreamTimeout("The provider did not answer in time") from None
+    except ProviderError:
+        raise
+    except Exception:
+        log.exception("provider stream failed to open", extra={"provider": provider.name})
+        raise UpstreamError("The provider failed") from None
 
-    Running in its own task lets the relay wait on it with a deadline (for heartbeats) without
-    cancelling a read half-way, and lets a client disconnect cancel it cleanly: cancelling the task
-    closes the upstream connection from inside the task that opened it.
-    """
 
-    def __init__(self, provider: Provider, chat: ChatInput, timeout_s: float) -> None:
-        self.buf: list[str] = []
-        self.opened = False
-        self.done = False
-        self.error: ProviderError | None = None
-        self.finish_reason = "stop"
-        self.input_tokens = 0
-        self.output_tokens = 0
-        self._wake = asyncio.Event()
-        self._timeout_s = timeout_s
-        self.task = asyncio.get_running_loop().create_task(self._run(provider, chat))
+def open_upstream(provider: Provider, chat: ChatInput, timeout_s: float) -> asyncio.Task[ProviderStream]:
+    """Start the provider request; the task ends with the open stream or a `ProviderError`."""
+    return asyncio.get_running_loop().create_task(_open(provider, chat, timeout_s))
 
-    async def _run(self, provider: Provider, chat: ChatInput) -> None:
-        stream = None
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                stream = await provider.open_stream(chat)
-            self.opened = True
-            self._wake.set()
-            async for batch in stream:
-                self.buf.extend(batch)
-                self._wake.set()
-            self.finish_reason = stream.finish_reason
-            self.input_tokens = stream.input_tokens
-            self.output_tokens = stream.output_tokens
-        except TimeoutError:
-            self.error = UpstreamTimeout("The provider did not answer in time")
-        except ProviderError as err:
-            self.error = err
-        except Exception:
-            log.exception("provider stream failed", extra={"provider": provider.name})
-            self.error = UpstreamError("The provider failed")
-        finally:
-            self.done = True
-            self._wake.set()
-            if stream is not None:
-                await stream.aclose()
 
-    def poke(self, *_: object) -> None:
-        """Wake a waiting relay (used when the client goes away)."""
-        self._wake.set()
+class _Closer:
+    __slots__ = ("stream",)
 
-    async def wait(self, timeout_s: float) -> bool:
-        """Wait until there is something to do (deltas, the end, a poke); False when time ran out."""
-        self._wake.clear()
-        if self.buf or self.done:
-            return True
-        try:
-            async with asyncio.timeout(max(timeout_s, 0)):
-                await self._wake.wait()
-        except TimeoutError:
-            return False
-        return True
+    def __init__(self, stream: ProviderStream) -> None:
+        self.stream = stream
 
-    async def wait_opened(self, timeout_s: float) -> bool:
-        """True once the upstream answered its head or failed; False if `timeout_s` passed first."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while not (self.opened or self.done):
-            if not await self.wait(deadline - loop.time()):
-                return False
-        return True
-
-    def take(self) -> list[str]:
-        out, self.buf = self.buf, []
-        return out
-
-    def cancel(self) -> None:
-        if not self.task.done():
-            self.task.cancel()
+    def __call__(self, _task: object) -> None:
+        self.stream.abort()
 
 
 async def _until_disconnect(receive: Any) -> None:
@@ -135,15 +92,15 @@ class EventStream:
         "headers",
         "heartbeat_s",
         "model",
+        "opening",
         "provider",
-        "pump",
         "request_id",
     )
 
     def __init__(
         self,
         *,
-        pump: Pump,
+        opening: asyncio.Task[ProviderStream],
         chat_id: str,
         provider: str,
         model: str,
@@ -153,7 +110,7 @@ class EventStream:
         heartbeat_s: float,
         gap_s: float,
     ) -> None:
-        self.pump = pump
+        self.opening = opening
         self.chat_id = chat_id
         self.provider = provider
         self.model = model
@@ -166,85 +123,124 @@ class EventStream:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         global _open_streams  # a per-process gauge, read by /api/health
         _open_streams += 1
+        fields = self.fields
         watcher: list[asyncio.Task[None]] = []
+        stream: ProviderStream | None = None
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-            await self._relay(receive, send, watcher)
+            stream = await self._relay(receive, send, watcher)
         except (OSError, RuntimeError):
             # Sending to a client that has gone: nothing more to say to it.
-            self.fields["client_gone"] = True
+            fields["client_gone"] = True
         finally:
             _open_streams -= 1
             if watcher:
                 watcher[0].cancel()
-            if not self.pump.done:
-                self.fields["client_gone"] = True
-            self.pump.cancel()
+            if not self.opening.done():
+                self.opening.cancel()  # still waiting for the head: abandon the request
+                fields["client_gone"] = True
+            elif stream is None and not self.opening.cancelled() and self.opening.exception() is None:
+                stream = self.opening.result()
+            if stream is not None:
+                await stream.aclose()
 
-    async def _relay(self, receive: Any, send: Any, watcher: list[asyncio.Task[None]]) -> None:
-        """Frames go out as soon as nothing more is at hand: everything that arrived together
-        (the start event and the first deltas, the last deltas and `done`) leaves in one send,
-        and nothing is ever held back while waiting for the provider."""
+    async def _relay(
+        self, receive: Any, send: Any, watcher: list[asyncio.Task[None]]
+    ) -> ProviderStream | None:
+        """Frames go out as soon as nothing more is at hand: what arrives together (the start
+        event and the first deltas, the last deltas and `done`) leaves in one send, and nothing is
+        held back while waiting for the provider. Returns the stream for closing."""
         loop = asyncio.get_running_loop()
-        pump = self.pump
         fields = self.fields
         enc = SseEncoder()
-        chars = 0
         pending = [enc.event("start", _encode(StartEvent(self.chat_id, self.provider, self.model)))]
-        gone: asyncio.Task[None] | None = None
-        last_sent = last_chunk = loop.time()
-        while True:
-            if gone is not None and gone.done():
-                fields["client_gone"] = True
-                return
-            if pump.buf:
-                pieces = pump.take()
-                chars += sum(map(len, pieces))
-                fields["output_chars"] = chars
-                last_chunk = loop.time()
-                pending.append(enc.deltas(pieces))
-                continue
-            if pump.done:
-                if pump.error is not None:
-                    fields["error"] = pump.error.code
-                    pending.append(self._error(enc, pump.error))
-                else:
-                    fields.update(
-                        finish_reason=pump.finish_reason,
-                        input_tokens=pump.input_tokens,
-                        output_tokens=pump.output_tokens,
-                    )
-                    usage = Usage(pump.input_tokens, pump.output_tokens)
-                    pending.append(enc.event("done", _encode(DoneEvent(pump.finish_reason, usage))))
-                await send({"type": "http.response.body", "body": b"".join(pending), "more_body": False})
-                fields["events"] = enc.next_id
-                return
-            now = loop.time()
-            if pending:
-                await send({"type": "http.response.body", "body": b"".join(pending), "more_body": True})
-                fields["events"] = enc.next_id
-                pending.clear()
-                last_sent = now
-            if gone is None:
-                # Only a stream that has to wait needs to hear about the client leaving meanwhile.
-                gone = loop.create_task(_until_disconnect(receive))
-                gone.add_done_callback(pump.poke)
-                watcher.append(gone)
-            if not pump.opened:
-                last_chunk = now  # the head's own deadline is enforced inside the pump
-            if await pump.wait(min(last_sent + self.heartbeat_s, last_chunk + self.gap_s) - now):
-                continue
-            now = loop.time()
-            if pump.opened and now >= last_chunk + self.gap_s:
-                pump.cancel()
-                fields["error"] = "upstream_timeout"
-                frame = self._error(enc, UpstreamTimeout("The provider stopped sending"))
-                await send({"type": "http.response.body", "body": frame, "more_body": False})
-                fields["events"] = enc.next_id
-                return
-            if now >= last_sent + self.heartbeat_s:
-                await send({"type": "http.response.body", "body": PING, "more_body": True})
-                last_sent = now
+        chars = 0
 
-    def _error(self, enc: SseEncoder, err: ApiError) -> bytes:
-        return enc.event("error", error_bytes(err.code, err.message, self.request_id))
+        async def flush(more: bool) -> None:
+            await send({"type": "http.response.body", "body": b"".join(pending), "more_body": more})
+            fields["events"] = enc.next_id
+            pending.clear()
+
+        def watch() -> asyncio.Task[None]:
+            # Only a stream that has to wait needs to hear about the client leaving meanwhile.
+            if not watcher:
+                watcher.append(loop.create_task(_until_disconnect(receive)))
+            return watcher[0]
+
+        # The head: committed already, so wait on with heartbeats (the task bounds the whole wait).
+        last_sent = loop.time()
+        while not self.opening.done():
+            await flush(True)
+            last_sent = loop.time()
+            gone = watch()
+            await asyncio.wait((self.opening, gone), timeout=self.heartbeat_s, return_when="FIRST_COMPLETED")
+            if gone.done():
+                fields["client_gone"] = True
+                return None
+            if not self.opening.done():
+                pending.append(PING)
+        error = self.opening.exception()
+        if error is not None:
+            return await self._fail(error, enc, pending, flush)
+        stream = self.opening.result()
+        closer = _Closer(stream)  # the client leaving closes the upstream, waking a pending read
+        if watcher:
+            watcher[0].add_done_callback(closer)
+
+        last_chunk = loop.time()
+        deltas = stream.ready()
+        while True:
+            if deltas:
+                chars += sum(map(len, deltas))
+                fields["output_chars"] = chars
+                pending.append(enc.deltas(deltas))
+            if stream.finished:
+                fields.update(
+                    finish_reason=stream.finish_reason,
+                    input_tokens=stream.input_tokens,
+                    output_tokens=stream.output_tokens,
+                )
+                usage = Usage(stream.input_tokens, stream.output_tokens)
+                pending.append(enc.event("done", _encode(DoneEvent(stream.finish_reason, usage))))
+                await flush(False)
+                return stream
+            if not stream.failed:  # a failure is known already: no need to send before saying so
+                if pending:
+                    await flush(True)
+                    last_sent = loop.time()
+                if not watcher:
+                    watch().add_done_callback(closer)
+                if watcher[0].done():
+                    fields["client_gone"] = True
+                    stream.abort()
+                    return stream
+            try:
+                async with asyncio.timeout_at(min(last_sent + self.heartbeat_s, last_chunk + self.gap_s)):
+                    deltas = await stream.next()
+            except TimeoutError:
+                deltas = []
+                now = loop.time()
+                if now >= last_chunk + self.gap_s:
+                    stream.abort()
+                    return await self._fail(
+                        UpstreamTimeout("The provider stopped sending"), enc, pending, flush
+                    )
+                pending.append(PING)
+                continue
+            except ProviderError as err:
+                if watcher and watcher[0].done():
+                    fields["client_gone"] = True
+                    return stream
+                return await self._fail(err, enc, pending, flush, stream)
+            last_chunk = loop.time()
+
+    async def _fail(
+        self, err: BaseException, enc: SseEncoder, pending: list[bytes], flush: Any, stream: Any = None
+    ) -> Any:
+        if not isinstance(err, ApiError):
+            log.error("provider stream failed", exc_info=err)
+            err = UpstreamError("The provider failed")
+        self.fields["error"] = err.code
+        pending.append(enc.event("error", error_bytes(err.code, err.message, self.request_id)))
+        await flush(False)
+        return stream

@@ -16,7 +16,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 
 import aiohttp
@@ -161,10 +161,11 @@ async def read_body(resp: aiohttp.ClientResponse, label: str) -> bytes:
 
 
 class RawStream:
-    """An accepted streamed response, parsed natively as its bytes arrive.
+    """An accepted streamed response, parsed natively as its bytes arrive (see base.ProviderStream).
 
-    Iterating yields lists of text deltas, one list per network read; afterwards `finish_reason`
-    (normalised) and the token counts are set. Failures become `ProviderError`s.
+    `next()` waits for the next network read and returns its text deltas; `ready()` returns what
+    has already arrived without waiting. Waiting is cancellation-safe: aiohttp keeps bytes that
+    arrive while nobody reads, so the relay can wait with a deadline (heartbeats) and read on.
     """
 
     def __init__(
@@ -178,44 +179,81 @@ class RawStream:
         self._parser = UpstreamParser(kind)
         self._label = label
         self._map_event_error = map_event_error
-        self._clean = False
+        self._error: ProviderError | None = None  # raised by the next next(), after the deltas before it
+        self.finished = False
         self.finish_reason = "stop"
         self.input_tokens = 0
         self.output_tokens = 0
 
-    async def _read(self) -> AsyncIterator[list[str]]:
-        parser = self._parser
-        content = self._resp.content
-        try:
-            while not parser.done:
-                data = await content.readany()
-                if not data:
-                    break
-                deltas = parser.feed(data)
-                if deltas:
-                    yield deltas
-                if parser.failed:
-                    raise UpstreamFormatError
-        except UpstreamFormatError:
-            raise UpstreamError(f"{self._label} sent a malformed stream") from None
-        except (aiohttp.ClientError, OSError):
-            raise UpstreamError(f"The connection to {self._label} broke mid-stream") from None
-        if parser.error is not None:
-            raise self._map_event_error(*parser.error)
-        if not parser.done:
-            raise UpstreamError(f"The connection to {self._label} ended mid-stream")
-        self._clean = True
-        self.finish_reason = normalise_finish_reason(parser.finish_reason)
-        self.input_tokens = parser.input_tokens
-        self.output_tokens = parser.output_tokens
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
 
-    def __aiter__(self) -> AsyncIterator[list[str]]:
-        return self._read()
+    def _consume(self, data: bytes) -> list[str]:
+        parser = self._parser
+        try:
+            deltas = parser.feed(data)
+        except UpstreamFormatError:
+            deltas = []
+            self._error = UpstreamError(f"{self._label} sent a malformed stream")
+            return deltas
+        if parser.failed:  # deltas before the malformed event still go out first
+            self._error = UpstreamError(f"{self._label} sent a malformed stream")
+        elif parser.done:
+            if parser.error is not None:
+                self._error = self._map_event_error(*parser.error)
+            else:
+                self.finished = True
+                self.finish_reason = normalise_finish_reason(parser.finish_reason)
+                self.input_tokens = parser.input_tokens
+                self.output_tokens = parser.output_tokens
+        return deltas
+
+    def ready(self) -> list[str]:
+        if self.finished or self._error is not None:
+            return []
+        try:
+            data = self._resp.content.read_nowait()
+        except (aiohttp.ClientError, OSError, RuntimeError):
+            return []  # next() will tell
+        return self._consume(data) if data else []
+
+    async def next(self) -> list[str]:
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self.finished:
+                return []
+            broken = False
+            try:
+                data = await self._resp.content.readany()
+            except (aiohttp.ClientError, OSError):
+                broken = True
+                data = _salvage(self._resp.content)
+            deltas = self._consume(data) if data else []
+            if not self.finished and self._error is None and (broken or not data):
+                how = "broke" if broken else "ended"
+                self._error = UpstreamError(f"The connection to {self._label} {how} mid-stream")
+            if deltas or self.finished:
+                return deltas
+
+    def abort(self) -> None:
+        """Close the connection now (the client left): the provider stops generating, and billing."""
+        self._resp.close()
 
     async def aclose(self) -> None:
-        # A finished stream goes back to the pool; anything else (a client that went away, an
-        # error) closes the connection so the provider stops generating, and paying, at once.
-        if self._clean:
+        # A finished stream goes back to the pool; anything else closes the connection.
+        if self.finished:
             self._resp.release()
         else:
             self._resp.close()
+
+
+def _salvage(content: aiohttp.StreamReader) -> bytes:
+    """Bytes that arrived before the connection broke. aiohttp raises a broken connection's error
+    before handing out what it had buffered, but those deltas came first and belong to the client;
+    there is no public call for them, hence the guarded private one."""
+    try:
+        return content._read_nowait(-1) if content._buffer else b""
+    except (AttributeError, TypeError):
+        return b""

@@ -2,16 +2,15 @@
 
 A provider turns a validated `ChatInput` into either a whole `Completion` (`complete`) or an open
 `ProviderStream` (`open_stream`). `open_stream` returns once the upstream has answered its response
-head, so that the route can still answer an early failure as plain JSON; the stream then yields
-lists of text deltas (all the deltas of one network read, so the relay frames them in one native
-call) and exposes `finish_reason` and the token counts when it is exhausted. Providers map their own
+head, so that the route can still answer an early failure as plain JSON; the relay then pulls
+batches of text deltas from it (all the deltas of one network read, so that it frames them in one
+native call) and reads `finish_reason` and the token counts at the end. Providers map their own
 failures to the `ProviderError` subclasses below inside their own module; the routes never see an
 SDK or transport exception.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Protocol
 
 import msgspec
@@ -99,16 +98,30 @@ def normalise_finish_reason(raw: str | None) -> str:
 
 
 class ProviderStream(Protocol):
-    """An answered upstream stream: iterate for batches of text deltas, then read the totals."""
+    """An answered upstream stream, read by pulling batches of text deltas.
 
+    `next()` waits for the next batch (the deltas of one network read) and raises `ProviderError`
+    on a failure (after the deltas that came before it); it returns [] once `finished`. It is
+    cancellation-safe: a wait cut short by a deadline loses nothing, so the relay can wait with a
+    deadline and send heartbeats in between. `ready()` returns what has already arrived, without
+    waiting. When `finished`, `finish_reason` and the token counts are set.
+    """
+
+    finished: bool
+    failed: bool  # the next `next()` raises
     finish_reason: str
     input_tokens: int
     output_tokens: int
 
-    def __aiter__(self) -> AsyncIterator[list[str]]: ...
+    def ready(self) -> list[str]: ...
+
+    async def next(self) -> list[str]: ...
+
+    def abort(self) -> None:
+        """Close the upstream connection now (the client has gone)."""
 
     async def aclose(self) -> None:
-        """Stop reading and release the upstream connection (idempotent)."""
+        """Release the connection: back to the pool when finished, else closed (idempotent)."""
 
 
 class Provider(Protocol):

@@ -7,7 +7,6 @@ is what `make run` serves with no keys and what the load bench drives.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 
 from pwachat.providers.base import ChatInput, Completion
 
@@ -34,19 +33,27 @@ def _pieces(text: str, max_tokens: int) -> tuple[list[str], str]:
 
 
 class EchoStream:
+    """The whole answer is ready at once: one batch, then finished."""
+
+    failed = False
+
     def __init__(self, pieces: list[str], finish_reason: str, input_tokens: int) -> None:
         self._pieces = pieces
+        self.finished = False
         self.finish_reason = finish_reason
         self.input_tokens = input_tokens
-        self.output_tokens = 0
+        self.output_tokens = len(pieces)
 
-    async def _gen(self) -> AsyncIterator[list[str]]:
-        if self._pieces:
-            self.output_tokens = len(self._pieces)
-            yield self._pieces
+    def ready(self) -> list[str]:
+        pieces, self._pieces = self._pieces, []
+        self.finished = True
+        return pieces
 
-    def __aiter__(self) -> AsyncIterator[list[str]]:
-        return self._gen()
+    async def next(self) -> list[str]:
+        return self.ready()
+
+    def abort(self) -> None:
+        self._pieces = []
 
     async def aclose(self) -> None:
         self._pieces = []

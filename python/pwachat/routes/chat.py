@@ -25,7 +25,7 @@ from pwachat._native import SanitizeError, sanitize_chat
 from pwachat.errors import ApiError, ErrorDetail, InvalidRequest
 from pwachat.providers import ChatInput, Provider, ProviderError, UpstreamTimeout
 from pwachat.ratelimit import caller_key, rate_limit_headers, refusal
-from pwachat.relay import EventStream, Pump
+from pwachat.relay import EventStream, open_upstream
 from pwachat.routes.auth import authorize
 from pwachat.schemas import ChatRequest, ChatResponse, Usage
 from pwachat.security import client_ip
@@ -264,13 +264,20 @@ async def chat_stream(request: Request[Any, Any, Any]) -> ASGIApp:
     settings = svc.settings
     p = await prepare(request, svc)
     p.log.update(stream=True, events=0, output_chars=0)
-    pump = Pump(p.provider, p.chat, settings.upstream_timeout_s)
-    # Not answered within a heartbeat: commit anyway, and let heartbeats cover the rest of the wait.
-    if await pump.wait_opened(settings.sse_heartbeat_s) and pump.error is not None and not pump.opened:
-        p.log["error"] = pump.error.code
-        raise _with_headers(pump.error, p.headers)
+    opening = open_upstream(p.provider, p.chat, settings.upstream_timeout_s)
+    try:
+        # Wait for the provider's head for up to a heartbeat: a quick failure is still plain JSON.
+        await asyncio.wait((opening,), timeout=settings.sse_heartbeat_s)
+    except BaseException:
+        opening.cancel()  # the request itself was cancelled: take the upstream request with it
+        raise
+    if opening.done() and (error := opening.exception()) is not None:
+        p.log["error"] = getattr(error, "code", "upstream_error")
+        if isinstance(error, ApiError):
+            raise _with_headers(error, p.headers)
+        raise error
     return EventStream(
-        pump=pump,
+        opening=opening,
         chat_id=p.chat_id,
         provider=p.provider.name,
         model=p.chat.model,
