@@ -7,14 +7,14 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 RUST_SRC := $(wildcard rust/src/*.rs) Cargo.toml Cargo.lock
 
-.PHONY: run build test lint format bench bench-load clean help
+.PHONY: run build test lint format bench bench-load system-deps clean help
 
 help:
 	@echo "make run    - build and serve on HOST:PORT (default 127.0.0.1:5000) with the embedded defaults"
 	@echo "make test   - build, lint, cargo test, pytest (what CI runs)"
 	@echo "make lint   - ruff, cargo fmt --check, cargo clippy -D warnings, stub check"
 	@echo "make format - ruff format + cargo fmt"
-	@echo "make bench  - micro benches (native vs Python)"
+	@echo "make bench  - micro benches (native vs Python, limits) and the load bench (benches/load.py)"
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,12 +45,25 @@ format: build
 	$(VENV)/bin/ruff check --fix python tests benches
 	cargo fmt
 
-test: build lint
+# The tests start a real redis-server; on Debian/Ubuntu as root this installs it when missing.
+system-deps:
+	@command -v redis-server >/dev/null || { \
+		echo "redis-server is needed by the tests; installing the Debian package"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; }
+
+test: build lint system-deps
 	cargo test --quiet
 	$(PY) -m pytest -q
 
-bench: build
-	$(PY) -m pytest benches --benchmark-only --benchmark-columns=min,median,mean,ops,rounds -q
+bench: build system-deps
+	$(PY) -m pytest benches --benchmark-only --benchmark-columns=median,ops,rounds -q -s
+	$(MAKE) bench-load
+
+# One server worker pinned to core 0, wrk and the fake upstream on core 1 (see benches/load.py).
+bench-load: build
+	@command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk
+	$(PY) benches/load.py
 
 clean:
 	rm -rf target $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis .benchmarks
