@@ -18,12 +18,16 @@ import random
 import time
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import aiohttp
+import msgspec
 from multidict import CIMultiDictProxy
 
 from pwachat._native import UpstreamFormatError, UpstreamParser
 from pwachat.providers.base import (
+    ChatInput,
+    Completion,
     ProviderError,
     UpstreamError,
     UpstreamRateLimited,
@@ -31,7 +35,7 @@ from pwachat.providers.base import (
     normalise_finish_reason,
 )
 
-__all__ = ["RawStream", "UpstreamHTTP", "error_for_status", "read_body", "retry_after_s"]
+__all__ = ["HttpProvider", "RawStream", "UpstreamHTTP", "error_for_status", "retry_after_s"]
 
 _RETRY_STATUSES = {408, 409, 429}
 _MAX_RETRY_AFTER_S = 60.0
@@ -151,15 +155,6 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
     return min(0.5 * 2**attempt, 8.0) * (1 - 0.25 * random.random())  # jitter, not crypto
 
 
-async def read_body(resp: aiohttp.ClientResponse, label: str) -> bytes:
-    try:
-        return await resp.read()
-    except (aiohttp.ClientError, OSError):
-        raise UpstreamError(f"The connection to {label} broke while reading its answer") from None
-    finally:
-        resp.release()
-
-
 class RawStream:
     """An accepted streamed response, parsed natively as its bytes arrive (see base.ProviderStream).
 
@@ -257,3 +252,60 @@ def _salvage(content: aiohttp.StreamReader) -> bytes:
         return content._read_nowait(-1) if content._buffer else b""
     except (AttributeError, TypeError):
         return b""
+
+
+class HttpProvider:
+    """What the OpenAI and Anthropic providers share: one pooled session, the request, the raw
+    read. A subclass names its wire format (`kind`, `path`) and writes `_body` and `_completion`,
+    plus the error mapping of its own statuses and in-stream error events."""
+
+    name: str
+    label: str
+    kind: str  # the native parser's name for the stream format
+    path: str  # appended to the base URL
+
+    def __init__(
+        self, models: tuple[str, ...], settings: Any, base_url: str, headers: dict[str, str]
+    ) -> None:
+        # base_url and headers are the SDK client's own (pwachat/wire.py).
+        self.models = models
+        self.http = UpstreamHTTP(
+            label=self.label,
+            base_url=base_url,
+            headers=headers,
+            max_retries=settings.upstream_max_retries,
+            map_status=self._map_status,
+        )
+
+    def _body(self, chat: ChatInput, stream: bool) -> bytes:
+        raise NotImplementedError
+
+    def _completion(self, raw: bytes) -> Completion:
+        """Decode a whole answer; raise `msgspec.DecodeError`, `IndexError` or `KeyError` when unusable."""
+        raise NotImplementedError
+
+    def _map_status(self, status: int, headers: CIMultiDictProxy[str]) -> ProviderError:
+        return error_for_status(self.label, status, headers)
+
+    def _map_event_error(self, kind: str, message: str) -> ProviderError:
+        raise NotImplementedError
+
+    async def complete(self, chat: ChatInput) -> Completion:
+        resp = await self.http.post(self.path, self._body(chat, stream=False))
+        try:
+            raw = await resp.read()
+        except (aiohttp.ClientError, OSError):
+            raise UpstreamError(f"The connection to {self.label} broke while reading its answer") from None
+        finally:
+            resp.release()
+        try:
+            return self._completion(raw)
+        except (msgspec.DecodeError, IndexError, KeyError):
+            raise UpstreamError(f"{self.label} answered something unusable") from None
+
+    async def open_stream(self, chat: ChatInput) -> RawStream:
+        resp = await self.http.post(self.path, self._body(chat, stream=True))
+        return RawStream(resp, self.kind, self.label, self._map_event_error)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()

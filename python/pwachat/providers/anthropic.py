@@ -10,7 +10,7 @@ from __future__ import annotations
 import msgspec
 from multidict import CIMultiDictProxy
 
-from pwachat.providers._http import RawStream, UpstreamHTTP, error_for_status, read_body
+from pwachat.providers._http import HttpProvider
 from pwachat.providers.base import (
     ChatInput,
     Completion,
@@ -47,39 +47,16 @@ class _Message(msgspec.Struct):
 _decode_message = msgspec.json.Decoder(_Message).decode
 
 
-def _map_status(status: int, headers: CIMultiDictProxy[str]) -> ProviderError:
-    if status == 529:
-        return UpstreamError(f"{LABEL} is overloaded (HTTP 529)")
-    return error_for_status(LABEL, status, headers)
-
-
-def _map_event_error(kind: str, _message: str) -> ProviderError:
-    if kind == "rate_limit_error":
-        return UpstreamRateLimited(f"{LABEL} is rate limiting requests; try again later")
-    if kind == "overloaded_error":
-        return UpstreamError(f"{LABEL} is overloaded; try again later")
-    if kind == "timeout_error":
-        return UpstreamTimeout(f"{LABEL} timed out")
-    return UpstreamError(f"{LABEL} reported an error mid-stream ({kind})")
-
-
-class AnthropicProvider:
+class AnthropicProvider(HttpProvider):
     name = "claude"
     label = LABEL
+    kind = "anthropic"
+    path = "/v1/messages"
 
     def __init__(self, settings: Settings, base_url: str, headers: dict[str, str]) -> None:
-        # base_url and headers are the SDK client's own (pwachat/wire.py).
-        self.models = settings.anthropic_models
-        self.http = UpstreamHTTP(
-            label=LABEL,
-            base_url=base_url,
-            headers=headers,
-            max_retries=settings.upstream_max_retries,
-            map_status=_map_status,
-        )
+        super().__init__(settings.anthropic_models, settings, base_url, headers)
 
-    @staticmethod
-    def _body(chat: ChatInput, stream: bool) -> bytes:
+    def _body(self, chat: ChatInput, stream: bool) -> bytes:
         messages = [{"role": role, "content": content} for role, content in chat.history]
         messages.append({"role": "user", "content": chat.message})
         body: dict[str, object] = {
@@ -93,13 +70,8 @@ class AnthropicProvider:
             body["stream"] = True
         return _encode(body)
 
-    async def complete(self, chat: ChatInput) -> Completion:
-        resp = await self.http.post("/v1/messages", self._body(chat, stream=False))
-        raw = await read_body(resp, LABEL)
-        try:
-            answer = _decode_message(raw)
-        except msgspec.DecodeError:
-            raise UpstreamError(f"{LABEL} answered something unusable") from None
+    def _completion(self, raw: bytes) -> Completion:
+        answer = _decode_message(raw)
         usage = answer.usage or _Usage()
         return Completion(
             text="".join(b.text or "" for b in answer.content if b.type == "text"),
@@ -108,9 +80,16 @@ class AnthropicProvider:
             output_tokens=usage.output_tokens,
         )
 
-    async def open_stream(self, chat: ChatInput) -> RawStream:
-        resp = await self.http.post("/v1/messages", self._body(chat, stream=True))
-        return RawStream(resp, "anthropic", LABEL, _map_event_error)
+    def _map_status(self, status: int, headers: CIMultiDictProxy[str]) -> ProviderError:
+        if status == 529:
+            return UpstreamError(f"{LABEL} is overloaded (HTTP 529)")
+        return super()._map_status(status, headers)
 
-    async def aclose(self) -> None:
-        await self.http.aclose()
+    def _map_event_error(self, kind: str, message: str) -> ProviderError:
+        if kind == "rate_limit_error":
+            return UpstreamRateLimited(f"{LABEL} is rate limiting requests; try again later")
+        if kind == "overloaded_error":
+            return UpstreamError(f"{LABEL} is overloaded; try again later")
+        if kind == "timeout_error":
+            return UpstreamTimeout(f"{LABEL} timed out")
+        return UpstreamError(f"{LABEL} reported an error mid-stream ({kind})")

@@ -2,15 +2,14 @@
 
 The official `openai` SDK client is made once at start-up for what it knows best: the default base
 URL, the auth and identification headers, the retry count. Requests go through the pooled raw path
-(`_http.UpstreamHTTP`); answers are decoded by msgspec (JSON) or the native parser (streams).
+(`_http.HttpProvider`); answers are decoded by msgspec (JSON) or the native parser (streams).
 """
 
 from __future__ import annotations
 
 import msgspec
-from multidict import CIMultiDictProxy
 
-from pwachat.providers._http import RawStream, UpstreamHTTP, error_for_status, read_body
+from pwachat.providers._http import HttpProvider
 from pwachat.providers.base import (
     ChatInput,
     Completion,
@@ -49,34 +48,16 @@ class _Completion(msgspec.Struct):
 _decode_completion = msgspec.json.Decoder(_Completion).decode
 
 
-def _map_status(status: int, headers: CIMultiDictProxy[str]) -> ProviderError:
-    return error_for_status(LABEL, status, headers)
-
-
-def _map_event_error(kind: str, _message: str) -> ProviderError:
-    # The provider's own message may quote the request; ours names only the kind of failure.
-    if kind in ("rate_limit_exceeded", "rate_limit_error", "insufficient_quota"):
-        return UpstreamRateLimited(f"{LABEL} is rate limiting requests; try again later")
-    return UpstreamError(f"{LABEL} reported an error mid-stream ({kind})")
-
-
-class OpenAIProvider:
+class OpenAIProvider(HttpProvider):
     name = "openai"
     label = LABEL
+    kind = "openai"
+    path = "/chat/completions"
 
     def __init__(self, settings: Settings, base_url: str, headers: dict[str, str]) -> None:
-        # base_url and headers are the SDK client's own (pwachat/wire.py).
-        self.models = settings.openai_models
-        self.http = UpstreamHTTP(
-            label=LABEL,
-            base_url=base_url,
-            headers=headers,
-            max_retries=settings.upstream_max_retries,
-            map_status=_map_status,
-        )
+        super().__init__(settings.openai_models, settings, base_url, headers)
 
-    @staticmethod
-    def _body(chat: ChatInput, stream: bool) -> bytes:
+    def _body(self, chat: ChatInput, stream: bool) -> bytes:
         messages = [{"role": "system", "content": chat.system}]
         messages.extend({"role": role, "content": content} for role, content in chat.history)
         messages.append({"role": "user", "content": chat.message})
@@ -92,14 +73,9 @@ class OpenAIProvider:
             body["stream_options"] = {"include_usage": True}
         return _encode(body)
 
-    async def complete(self, chat: ChatInput) -> Completion:
-        resp = await self.http.post("/chat/completions", self._body(chat, stream=False))
-        raw = await read_body(resp, LABEL)
-        try:
-            answer = _decode_completion(raw)
-            choice = answer.choices[0]
-        except (msgspec.DecodeError, IndexError):
-            raise UpstreamError(f"{LABEL} answered something unusable") from None
+    def _completion(self, raw: bytes) -> Completion:
+        answer = _decode_completion(raw)
+        choice = answer.choices[0]
         usage = answer.usage or _Usage()
         return Completion(
             text=choice.message.content or "",
@@ -108,9 +84,8 @@ class OpenAIProvider:
             output_tokens=usage.completion_tokens,
         )
 
-    async def open_stream(self, chat: ChatInput) -> RawStream:
-        resp = await self.http.post("/chat/completions", self._body(chat, stream=True))
-        return RawStream(resp, "openai", LABEL, _map_event_error)
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
+    def _map_event_error(self, kind: str, message: str) -> ProviderError:
+        # The provider's own message may quote the request; ours names only the kind of failure.
+        if kind in ("rate_limit_exceeded", "rate_limit_error", "insufficient_quota"):
+            return UpstreamRateLimited(f"{LABEL} is rate limiting requests; try again later")
+        return UpstreamError(f"{LABEL} reported an error mid-stream ({kind})")
