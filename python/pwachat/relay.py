@@ -49,7 +49,7 @@ def open_streams() -> int:
     return _open_streams
 
 
-async def _open(provider: Provider, chat: ChatInput, timeout_s: float) -> ProviderStream:
+async def _open(provider: Provider, chat: ChatInput, timeout_s: float, request_id: str) -> ProviderStream:
     try:
         async with asyncio.timeout(timeout_s):
             return await provider.open_stream(chat)
@@ -58,13 +58,17 @@ async def _open(provider: Provider, chat: ChatInput, timeout_s: float) -> Provid
     except ProviderError:
         raise
     except Exception:
-        log.exception("provider stream failed to open", extra={"provider": provider.name})
+        log.exception(
+            "provider stream failed to open", extra={"provider": provider.name, "request_id": request_id}
+        )
         raise UpstreamError("The provider failed") from None
 
 
-def open_upstream(provider: Provider, chat: ChatInput, timeout_s: float) -> asyncio.Task[ProviderStream]:
+def open_upstream(
+    provider: Provider, chat: ChatInput, timeout_s: float, request_id: str
+) -> asyncio.Task[ProviderStream]:
     """Start the provider request; the task ends with the open stream or a `ProviderError`."""
-    return asyncio.get_running_loop().create_task(_open(provider, chat, timeout_s))
+    return asyncio.get_running_loop().create_task(_open(provider, chat, timeout_s, request_id))
 
 
 class _Closer:
@@ -238,7 +242,7 @@ class EventStream:
         self, err: BaseException, enc: SseEncoder, pending: list[bytes], flush: Any, stream: Any = None
     ) -> Any:
         if not isinstance(err, ApiError):
-            log.error("provider stream failed", exc_info=err)
+            log.error("provider stream failed", exc_info=err, extra={"request_id": self.request_id})
             err = UpstreamError("The provider failed")
         self.fields["error"] = err.code
         pending.append(enc.event("error", error_bytes(err.code, err.message, self.request_id)))

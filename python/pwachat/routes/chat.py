@@ -264,7 +264,8 @@ async def chat_stream(request: Request[Any, Any, Any]) -> ASGIApp:
     settings = svc.settings
     p = await prepare(request, svc)
     p.log.update(stream=True, events=0, output_chars=0)
-    opening = open_upstream(p.provider, p.chat, settings.upstream_timeout_s)
+    request_id = request.scope["state"]["request_id"]
+    opening = open_upstream(p.provider, p.chat, settings.upstream_timeout_s, request_id)
     try:
         # Wait for the provider's head for up to a heartbeat: a quick failure is still plain JSON.
         await asyncio.wait((opening,), timeout=settings.sse_heartbeat_s)
@@ -283,7 +284,7 @@ async def chat_stream(request: Request[Any, Any, Any]) -> ASGIApp:
         model=p.chat.model,
         headers=[*STREAM_HEADERS, *p.headers],
         fields=p.log,
-        request_id=request.scope["state"]["request_id"],
+        request_id=request_id,
         heartbeat_s=settings.sse_heartbeat_s,
         gap_s=settings.upstream_timeout_s,
     )
