@@ -119,6 +119,13 @@ def _cycle_keys() -> Iterator[str]:
     return itertools.cycle([f"ip:{i}" for i in range(500_000)])
 
 
+def _limits(strategy: str) -> strategies.RateLimiter:
+    store = storage.MemoryStorage()
+    if strategy == "moving":
+        return strategies.MovingWindowRateLimiter(store)
+    return strategies.SlidingWindowCounterRateLimiter(store)
+
+
 @pytest.mark.benchmark(group="limiter-vs-limits-3-windows")
 def test_native_three_windows(benchmark) -> None:  # type: ignore[no-untyped-def]
     limiter = RateLimiter(WINDOWS)
@@ -129,12 +136,7 @@ def test_native_three_windows(benchmark) -> None:  # type: ignore[no-untyped-def
 @pytest.mark.benchmark(group="limiter-vs-limits-3-windows")
 @pytest.mark.parametrize("strategy", ["moving", "sliding"])
 def test_limits_three_windows(benchmark, strategy: str) -> None:  # type: ignore[no-untyped-def]
-    store = storage.MemoryStorage()
-    limiter = (
-        strategies.MovingWindowRateLimiter(store)
-        if strategy == "moving"
-        else strategies.SlidingWindowCounterRateLimiter(store)
-    )
+    limiter = _limits(strategy)
     keys = _cycle_keys()
 
     def check() -> bool:
@@ -158,11 +160,6 @@ def test_native_one_window(benchmark) -> None:  # type: ignore[no-untyped-def]
 @pytest.mark.benchmark(group="limiter-vs-limits-1-window")
 @pytest.mark.parametrize("strategy", ["moving", "sliding"])
 def test_limits_one_window(benchmark, strategy: str) -> None:  # type: ignore[no-untyped-def]
-    store = storage.MemoryStorage()
-    limiter = (
-        strategies.MovingWindowRateLimiter(store)
-        if strategy == "moving"
-        else strategies.SlidingWindowCounterRateLimiter(store)
-    )
+    limiter = _limits(strategy)
     keys = _cycle_keys()
     benchmark(lambda: limiter.hit(ITEMS[0], next(keys)))
