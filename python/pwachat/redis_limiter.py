@@ -44,6 +44,8 @@ log = logging.getLogger("pwachat.ratelimit")
 REDIS_TIMEOUT_S = 0.05
 RECONNECT_INTERVAL_S = 0.5
 STRIKES = 3
+#: The longest a check waits while Redis keeps answering other checks (see `_expire`).
+MAX_WAIT_ALIVE_S = 1.0
 MAX_IDLE_CONNECTIONS = 32
 KEY_PREFIX = "pwachat:rl:"
 #: Admissions remembered for replay after an outage, as (key, second) counts; beyond this many
@@ -109,7 +111,8 @@ class RedisBackend:
         self.limiter = RateLimiter(self.windows, max_keys=max_keys)
         self.redis = Redis.from_url(
             settings.redis_url,
-            socket_timeout=REDIS_TIMEOUT_S,
+            # No socket read timeout: every call is bounded by the deadlines here instead.
+            socket_timeout=None,
             socket_connect_timeout=REDIS_TIMEOUT_S,
             retry=Retry(NoBackoff(), 0),  # never retry inside a request: fall back instead
             retry_on_timeout=False,
@@ -124,6 +127,7 @@ class RedisBackend:
         self.args_peek = ["0", *self.args_consume[1:]]
         self.up = False
         self._timeouts = 0
+        self._last_reply = 0.0
         self.pending: Counter[tuple[str, int]] = Counter()
         self._reconnect: asyncio.Task[None] | None = None
         self._closing = False
@@ -167,11 +171,31 @@ class RedisBackend:
         return raw
 
     async def _call(self, key: str, args: list[str]) -> tuple[bool, float, list[tuple[int, int]]]:
-        async with asyncio.timeout(REDIS_TIMEOUT_S):
-            raw = await self._evalsha(key, args)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        async with asyncio.timeout(None) as deadline:
+            holder: list[asyncio.TimerHandle] = []  # the pending expiry; _expire replaces it
+            holder.append(loop.call_at(start + REDIS_TIMEOUT_S, self._expire, deadline, start, holder))
+            try:
+                raw = await self._evalsha(key, args)
+            finally:
+                holder[0].cancel()
+        self._last_reply = loop.time()
         ints = [int(x) for x in raw]
         counts = [(ints[i], ints[i + 1]) for i in range(2, len(ints), 2)]
         return bool(ints[0]), ints[1] / 1000, counts
+
+    def _expire(self, deadline: asyncio.Timeout, start: float, holder: list[asyncio.TimerHandle]) -> None:
+        """A check's 50 ms are up. If Redis has answered another of this process's calls since this
+        one began, Redis is alive and the wait is this process's own (a busy event loop, a queue of
+        requests): keep waiting, in 50 ms steps up to `MAX_WAIT_ALIVE_S`, rather than decide
+        without Redis and risk admitting past the global limit. Otherwise time out now."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._last_reply > start and now < start + MAX_WAIT_ALIVE_S:
+            holder[0] = loop.call_at(now + REDIS_TIMEOUT_S, self._expire, deadline, start, holder)
+            return
+        deadline.reschedule(now)
 
     async def hit(self, key: str) -> Decision:
         if self.up:
