@@ -46,6 +46,8 @@ RECONNECT_INTERVAL_S = 0.5
 STRIKES = 3
 #: The longest a check waits while Redis keeps answering other checks (see `_expire`).
 MAX_WAIT_ALIVE_S = 1.0
+#: A timer this late means the event loop itself is busy.
+LOOP_LAG_S = 0.01
 MAX_IDLE_CONNECTIONS = 32
 KEY_PREFIX = "pwachat:rl:"
 #: Admissions remembered for replay after an outage, as (key, second) counts; beyond this many
@@ -141,6 +143,7 @@ class RedisBackend:
             self._mark_down("Redis unreachable at start-up; limiting per process until it answers")
         else:
             self.up = True
+            self._last_reply = asyncio.get_running_loop().time()
 
     async def _evalsha(self, key: str, args: list[str]) -> list[Any]:
         conn = self._idle.pop() if self._idle else self.redis.connection_pool.make_connection()
@@ -175,7 +178,8 @@ class RedisBackend:
         start = loop.time()
         async with asyncio.timeout(None) as deadline:
             holder: list[asyncio.TimerHandle] = []  # the pending expiry; _expire replaces it
-            holder.append(loop.call_at(start + REDIS_TIMEOUT_S, self._expire, deadline, start, holder))
+            when = start + REDIS_TIMEOUT_S
+            holder.append(loop.call_at(when, self._expire, deadline, start, holder, when))
             try:
                 raw = await self._evalsha(key, args)
             finally:
@@ -185,15 +189,19 @@ class RedisBackend:
         counts = [(ints[i], ints[i + 1]) for i in range(2, len(ints), 2)]
         return bool(ints[0]), ints[1] / 1000, counts
 
-    def _expire(self, deadline: asyncio.Timeout, start: float, holder: list[asyncio.TimerHandle]) -> None:
-        """A check's 50 ms are up. If Redis has answered another of this process's calls since this
-        one began, Redis is alive and the wait is this process's own (a busy event loop, a queue of
-        requests): keep waiting, in 50 ms steps up to `MAX_WAIT_ALIVE_S`, rather than decide
-        without Redis and risk admitting past the global limit. Otherwise time out now."""
+    def _expire(
+        self, deadline: asyncio.Timeout, start: float, holder: list[asyncio.TimerHandle], when: float
+    ) -> None:
+        """A check's 50 ms are up. If Redis answered this process within the last second, or this
+        very timer fires late (the event loop is busy), the wait is most likely this process's own:
+        keep waiting, in 50 ms steps up to `MAX_WAIT_ALIVE_S`, rather than decide without Redis and
+        risk admitting past the global limit. Otherwise (a quiet process, a silent Redis) time out."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if self._last_reply > start and now < start + MAX_WAIT_ALIVE_S:
-            holder[0] = loop.call_at(now + REDIS_TIMEOUT_S, self._expire, deadline, start, holder)
+        alive = now - self._last_reply < 1.0
+        if (alive or now - when > LOOP_LAG_S) and now < start + MAX_WAIT_ALIVE_S:
+            next_when = now + REDIS_TIMEOUT_S
+            holder[0] = loop.call_at(next_when, self._expire, deadline, start, holder, next_when)
             return
         deadline.reschedule(now)
 
@@ -235,6 +243,8 @@ class RedisBackend:
                     await self.redis.ping()
             except (RedisError, OSError, TimeoutError) as err:
                 self._failed(err)
+            else:
+                self._last_reply = asyncio.get_running_loop().time()
         return "ok" if self.up else "unavailable"
 
     def _remember(self, key: str) -> None:
@@ -277,6 +287,7 @@ class RedisBackend:
                 await conn.disconnect(nowait=True)
             self.up = True
             self._timeouts = 0
+            self._last_reply = asyncio.get_running_loop().time()
             self._reconnect = None
             log.warning("Redis reachable again; global limiting resumed", extra={"event": "redis_up"})
             return
