@@ -74,7 +74,15 @@ pub enum UpstreamError {
     TextNotString {
         provider: Provider,
     },
+    /// More than `MAX_BUFFERED` bytes of an unfinished line or event: no real
+    /// provider sends that, and holding it would let one upstream grow our memory.
+    TooLong {
+        provider: Provider,
+    },
 }
+
+/// The most an unfinished line plus an undispatched event may hold.
+pub const MAX_BUFFERED: usize = 4 << 20;
 
 impl UpstreamError {
     fn from_json(provider: Provider, err: &serde_json::Error) -> Self {
@@ -123,6 +131,11 @@ impl fmt::Display for UpstreamError {
                 "{} stream text delta has no string text",
                 provider.name()
             ),
+            Self::TooLong { provider } => write!(
+                f,
+                "{} stream holds an event longer than {MAX_BUFFERED} bytes",
+                provider.name()
+            ),
         }
     }
 }
@@ -156,6 +169,11 @@ pub struct EventStream {
 }
 
 impl EventStream {
+    /// Bytes held for an event not yet complete.
+    pub fn buffered(&self) -> usize {
+        self.pending.len() + self.data.len() + self.event.len()
+    }
+
     /// Feeds `chunk`; calls `on_event(type, data)` for every event it completes.
     /// `type` is the `event` field, or `"message"` when there was none. Stops
     /// (dropping the rest of the chunk) when `on_event` says so or fails.
@@ -574,10 +592,17 @@ impl UpstreamState {
             },
             || UpstreamError::InvalidUtf8 { provider },
         );
+        let result = result.and_then(|_| {
+            if self.events.buffered() > MAX_BUFFERED {
+                Err(UpstreamError::TooLong { provider })
+            } else {
+                Ok(())
+            }
+        });
         if let Err(err) = result {
             self.failed = Some(err);
         }
-        result.map(|_| ())
+        result
     }
 }
 
@@ -1110,6 +1135,21 @@ mod tests {
     }
 
     #[test]
+    fn an_endless_line_is_refused_not_held() {
+        let mut state = UpstreamState::new(Provider::OpenAi);
+        let chunk = vec![b'x'; 1 << 20];
+        let mut result = Ok(());
+        for _ in 0..5 {
+            result = state.feed(&chunk, |_| {});
+            if result.is_err() {
+                break;
+            }
+        }
+        assert!(matches!(result, Err(UpstreamError::TooLong { .. })));
+        assert!(state.feed(b"data: [DONE]\n\n", |_| {}).is_err());
+    }
+
+    #[test]
     fn a_failed_stream_stays_failed() {
         let mut state = UpstreamState::new(Provider::OpenAi);
         let err = state.feed(b"data: {\n\n", |_| {}).unwrap_err();
@@ -1118,8 +1158,9 @@ mod tests {
 
     #[test]
     fn a_long_line_in_tiny_pieces_is_linear() {
-        // 4 MB of content in 1-byte feeds; quadratic re-scanning would take minutes.
-        let content = "ab".repeat(2 << 20);
+        // 3 MB of content (under MAX_BUFFERED) in 1-byte feeds; quadratic
+        // re-scanning would take minutes.
+        let content = "ab".repeat(3 << 19);
         let body =
             format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{content}\"}}}}]}}\n\n");
         let mut state = UpstreamState::new(Provider::OpenAi);
