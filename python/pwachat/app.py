@@ -19,6 +19,7 @@ from pwachat.providers import build_providers
 from pwachat.ratelimit import create_backend, policy_header
 from pwachat.routes import api_router
 from pwachat.routes.auth import token_guard
+from pwachat.routes.pages import pages_router
 from pwachat.security import EdgeMiddleware
 from pwachat.services import Services
 from pwachat.settings import Settings
@@ -49,7 +50,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await limiter.aclose()
 
     app = Litestar(
-        route_handlers=[api_router()],
+        route_handlers=[api_router(), pages_router()],
         lifespan=[lifespan],
         exception_handlers=exception_handlers,
         request_max_body_size=settings.max_body_bytes,
