@@ -45,12 +45,16 @@ format: build
 	$(VENV)/bin/ruff check --fix python tests benches
 	cargo fmt
 
-# The tests start a real redis-server; on Debian/Ubuntu as root this installs it when missing.
+# The tests start a real redis-server and drive Debian's chromium; on Debian/Ubuntu as root this
+# installs them when missing (elsewhere the browser tests skip without /usr/bin/chromium).
 system-deps:
 	@command -v redis-server >/dev/null || { \
 		echo "redis-server is needed by the tests; installing the Debian package"; \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; }
+	@test -x /usr/bin/chromium || { \
+		echo "chromium is needed by the browser tests; installing the Debian package"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium || true; }
 
 test: build lint system-deps
 	cargo test --quiet
