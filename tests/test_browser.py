@@ -243,9 +243,66 @@ def test_stop_mid_stream_error_and_provider_switch(
     expect(status).not_to_have_text("")
     wait_state(page, "ready")
     expect(page.locator(ASSISTANT).last).to_have_text("a ")
+    # The history went with the message: the earlier question and its partial answer, in order.
+    sent = fake.requests("openai")[1]["body"]["messages"]
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
+    assert sent[1]["content"] == "a long answer please" and sent[-1]["content"] == "fail half way"
 
     # Back to echo: answered locally.
     page.select_option("#provider", "echo")
     say_and_answer(page, "after the switch", "You said: after the switch")
     expect(page.locator("#status")).to_have_text("")
     assert len(fake.requests("openai")) == 2
+
+
+def test_offline_the_shell_loads_from_the_service_worker_and_says_so(page: Page, echo_server: Server) -> None:
+    open_ready(page, echo_server)
+    page.evaluate("() => navigator.serviceWorker.ready.then(() => true)")
+    # The page must be controlled by the worker before going offline (first load is not).
+    page.reload()
+    page.wait_for_function("() => navigator.serviceWorker.controller !== null")
+    page.context.set_offline(True)
+    try:
+        page.reload()
+        # The shell came from the cache (no network), and the page says the backend cannot be reached.
+        expect(page.locator("body")).to_have_attribute("data-state", "unavailable")
+        expect(page.locator("#status")).to_have_attribute("data-kind", "offline")
+        expect(page.locator("#status")).to_contain_text("unreachable")
+        expect(page.locator("#send")).to_be_disabled()
+    finally:
+        page.context.set_offline(False)
+    # Back online: the page's own retry (every 10 s) reaches the API, which the worker never answers
+    # from a cache.
+    expect(page.locator("body")).to_have_attribute("data-state", "ready", timeout=3 * TIMEOUT_MS)
+
+
+def test_phone_sized_screen_and_keyboard_only(browser: Browser, echo_server: Server) -> None:
+    context = browser.new_context(viewport={"width": 360, "height": 640}, is_mobile=True, has_touch=True)
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        page = context.new_page()
+        open_ready(page, echo_server)
+        # Nothing wider than the screen: no sideways scrolling on a phone.
+        assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+        for selector in ("#message", "#send", "#new-chat", "#provider"):
+            assert page.locator(selector).is_visible()
+        # Keyboard only: Tab reaches the message box, Enter sends.
+        page.locator("body").focus()
+        for _ in range(12):
+            if page.evaluate("() => document.activeElement && document.activeElement.id") == "message":
+                break
+            page.keyboard.press("Tab")
+        assert page.evaluate("() => document.activeElement.id") == "message"
+        page.keyboard.type("from the keyboard")
+        page.keyboard.press("Enter")
+        expect(page.locator(ASSISTANT).last).to_have_text("You said: from the keyboard")
+    finally:
+        context.close()
+
+
+def test_answers_are_text_never_html(page: Page, echo_server: Server) -> None:
+    open_ready(page, echo_server)
+    markup = '<img src="x" id="injected"><b>bold</b>'
+    say_and_answer(page, markup, f"You said: {markup}")
+    assert page.locator("#injected").count() == 0
+    assert page.locator("#messages b").count() == 0
