@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -50,7 +51,18 @@ class RedisServer:
             self.proc.wait()
 
     def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # in case a test left it paused
         self.kill()
+
+    def pause(self) -> None:
+        """Hung, not gone (SIGSTOP): connections stay open and commands get no answer."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
     def command(self, *args: str) -> object:
         """Send one command over a fresh connection, return the decoded reply (str, int or list)."""

@@ -118,6 +118,31 @@ def test_outage_then_recovery_resumes_global_limits_and_keeps_outage_counts(
     assert events.count("redis_up") == 1
 
 
+def test_a_hung_redis_times_out_into_local_limiting_and_back(make_client, redis: RedisServer, caplog) -> None:
+    # Redis alive on its socket but answering nothing (SIGSTOP): each check gives up on it (after
+    # 50 ms, or up to 1 s while Redis answered this process within the last second), three in a
+    # row mean an outage, and from then on requests are limited locally without waiting.
+    with caplog.at_level(logging.INFO, logger="pwachat.ratelimit"):
+        client = make_client(REDIS_URL=redis.url, RATELIMIT_PER_MINUTE="4")
+        assert chat(client).status_code == 200
+        redis.pause()
+        try:
+            started = time.monotonic()
+            during = [chat(client).status_code for _ in range(5)]
+            elapsed = time.monotonic() - started
+            health = client.get("/api/health").json()
+        finally:
+            redis.resume()
+        assert during == [200, 200, 200, 429, 429]  # the local limiter knew about the first one
+        assert elapsed < 10  # a liveness bound: nothing waited on the hung Redis for long
+        assert health["rate_limit"]["redis"] == "unavailable"
+        wait_until(lambda: client.get("/api/health").json()["rate_limit"]["redis"] == "ok")
+    events = [getattr(r, "event", None) for r in caplog.records]
+    assert events.count("redis_timeout") == 2  # two strikes decided locally, the third is the outage
+    assert events.count("redis_down") == 1
+    assert events.count("redis_up") == 1
+
+
 def test_health_is_ok_with_redis_and_a_real_provider(make_client, redis: RedisServer) -> None:
     client = make_client(
         REDIS_URL=redis.url, OPENAI_API_KEY="sk-test", OPENAI_BASE_URL="http://127.0.0.1:9/v1"
@@ -126,3 +151,47 @@ def test_health_is_ok_with_redis_and_a_real_provider(make_client, redis: RedisSe
     assert body["status"] == "ok"
     assert body["rate_limit"] == {"backend": "redis", "redis": "ok"}
     assert json.dumps(body).count("sk-test") == 0
+
+
+def test_a_flushed_script_is_loaded_again_without_failing_a_request(make_client, redis: RedisServer) -> None:
+    client = make_client(REDIS_URL=redis.url, RATELIMIT_PER_MINUTE="3")
+    assert chat(client).status_code == 200
+    redis.command("SCRIPT", "FLUSH")  # as after a Redis restart that no request noticed
+    assert [chat(client).status_code for _ in range(3)] == [200, 200, 429]
+    assert client.get("/api/health").json()["rate_limit"]["redis"] == "ok"  # no outage declared
+
+
+def test_the_script_keeps_only_the_buckets_that_still_count(redis: RedisServer) -> None:
+    # The script itself, with a 100 ms window so that buckets age within the test: after every
+    # admission the caller's hash holds the current bucket and at most the previous one, through
+    # steady use across bucket edges and after gaps of several buckets.
+    from pwachat.redis_limiter import CHECK_LUA
+
+    sha = str(redis.command("SCRIPT", "LOAD", CHECK_LUA))
+    key = "pwachat:rl:test"
+
+    def redis_ms() -> int:
+        sec, usec = redis.command("TIME")  # type: ignore[misc]
+        return int(sec) * 1000 + int(usec) // 1000
+
+    def consume_and_check() -> int:
+        # A 100 ms window and a 10 minute one (which keeps the hash alive across the gaps).
+        args = ["1", "100000", "100", "100000", "600000"]
+        allowed, now, *_ = redis.command("EVALSHA", sha, "1", key, *args)  # type: ignore[misc]
+        assert allowed == 1
+        bucket = int(now) // 100
+        fields = {f for f in redis.command("HGETALL", key)[::2] if f.startswith("100:")}  # type: ignore[index]
+        assert f"100:{bucket}" in fields
+        assert fields <= {f"100:{bucket}", f"100:{bucket - 1}"}
+        return bucket
+
+    seen: set[int] = set()
+    for gap in (False, False, True, False, True):
+        bucket = consume_and_check()
+        seen.add(bucket)
+        target = (bucket + (4 if gap else 1)) * 100
+        while redis_ms() < target:  # up to the edge, on Redis's clock: busy use or a silent gap
+            if not gap:
+                consume_and_check()
+    consume_and_check()
+    assert len(seen) >= 5
