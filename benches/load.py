@@ -258,6 +258,9 @@ def main() -> int:
         print("benches/load.py needs wrk (apt-get install wrk)", file=sys.stderr)
         return 2
     only = set(args.only.split(","))
+    # This script is the load generator of the asyncio scenarios (concurrent, latency): it belongs
+    # on the load core with wrk and the fake, not on the server's.
+    os.sched_setaffinity(0, {int(LOAD_CORE)})
     rows: list[tuple[str, str, str, str]] = []  # scenario, through pwachat, fake directly, target
 
     fake = Fake()

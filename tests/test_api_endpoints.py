@@ -526,3 +526,48 @@ def test_log_lines_are_json_with_request_fields_and_no_chat_text(make_client, tm
     # The 500's trace is logged, under the same request id.
     boom_lines = [line for line in lines if line.get("request_id") == "log-boom-1"]
     assert any("RuntimeError" in json.dumps(line) for line in boom_lines), boom_lines
+
+
+# --------------------------------------------------------------------------------------------
+# The chat routes served by the edge middleware and by Litestar's router answer alike
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/chat/stream"])
+def test_router_path_answers_like_the_direct_path(make_client, path: str) -> None:
+    # `/api/chat` itself is served without the router (routes/chat.py: serve_hot); a trailing
+    # slash goes through Litestar to the same functions. Success, each error kind, and a refusal
+    # must look the same both ways (save the request id).
+    client = make_client(RATELIMIT_PER_MINUTE="2")
+
+    def shape(resp) -> tuple[int, str, dict[str, str], Any]:
+        headers = {k: v for k, v in resp.headers.items() if k not in ("x-request-id", "date")}
+        if resp.headers["content-type"].startswith("application/json"):
+            body = resp.json()
+            body.get("error", {}).pop("request_id", None)
+            body.pop("id", None)
+        else:
+            body = re.sub(r'"id":\s*"chat_[0-9a-f]+"', "", resp.text)
+        return resp.status_code, resp.headers["content-type"], headers, body
+
+    def both(**kwargs: Any) -> list[tuple[int, str, dict[str, str], Any]]:
+        return [shape(client.post(p, **kwargs)) for p in (path, path + "/")]
+
+    cases = [
+        {"json": {"message": "hi"}},  # 200 (the answer; rate-limit headers count down in step)
+        {"content": b"{nope", "headers": {"Content-Type": "application/json"}},  # invalid_json
+        {"json": {"message": ""}},  # invalid_request
+        {"content": b"{}", "headers": {"Content-Type": "text/plain"}},  # unsupported_media_type
+        {"json": {"message": "hi", "provider": "nope"}},  # unknown_provider
+    ]
+    for kwargs in cases:
+        direct, routed = both(**kwargs)
+        if direct[0] == 200:
+            # One quota used by each: the remaining counts (and so the reset) differ, nothing else.
+            for h in ("x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit"):
+                direct[2].pop(h), routed[2].pop(h)
+        assert direct == routed, kwargs
+    # Quota now spent (two admitted): both refuse with the same 429.
+    direct, routed = both(json={"message": "hi"})
+    assert direct[0] == routed[0] == 429
+    assert direct[1:] == routed[1:]

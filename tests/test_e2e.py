@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -127,6 +128,10 @@ def test_log_lines_are_json_and_never_hold_chat_text(server: Server) -> None:
     mine = [r for r in records if r.get("request_id") == "log-check-1"]
     assert mine and mine[0]["method"] == "POST" and mine[0]["path"] == "/api/chat"
     assert mine[0]["status"] == 200 and mine[0]["provider"] == "echo" and mine[0]["duration_ms"] >= 0
+    assert (mine[0]["logger"], mine[0]["level"], mine[0]["msg"]) == ("pwachat.access", "INFO", "request")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", mine[0]["ts"])
+    assert list(mine[0])[:4] == ["ts", "level", "logger", "msg"]
+    assert "log-check-1" in server.output()  # the same line on stdout
     assert MARKER not in log_file.read_text()
     assert MARKER not in server.output()
 

@@ -30,6 +30,8 @@ __all__ = [
     "UpstreamFormatError",
     "error_bytes",
     "exception_handlers",
+    "log_internal",
+    "send_error",
 ]
 
 log = logging.getLogger("pwachat.errors")
@@ -138,14 +140,39 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Resp
     return _response(request, status, code, message, headers)
 
 
-def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+def log_internal(exc: BaseException, scope: Any) -> None:
     # The trace goes to the log (with the request id); the client only learns that it failed.
     log.error(
         "unhandled exception",
         exc_info=exc,
-        extra={"request_id": request_id_of(request), "path": request.url.path},
+        extra={"request_id": scope.get("state", {}).get("request_id"), "path": scope["path"]},
     )
+
+
+def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log_internal(exc, request.scope)
     return _response(request, 500, "internal_error", "Internal server error")
+
+
+async def send_error(
+    send: Any,
+    status: int,
+    code: str,
+    message: str,
+    scope: Any,
+    headers: dict[str, str] | None = None,
+    details: list[ErrorDetail] | None = None,
+) -> None:
+    """The envelope as plain ASGI messages, for the routes served without Litestar (`serve_hot`):
+    the same body and headers as `_response` gives the others."""
+    body = error_bytes(code, message, scope.get("state", {}).get("request_id"), details)
+    raw = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 exception_handlers: dict[int | type[Exception], Any] = {

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from pwachat.errors import ApiError, error_bytes
-from pwachat.logging import access_log
+from pwachat.logging import log_access
 from pwachat.settings import Settings
 
 __all__ = ["EdgeMiddleware", "Unauthorized", "bearer_token", "check_token", "client_ip"]
@@ -101,6 +101,12 @@ class EdgeMiddleware:
         self.cors_any = "*" in settings.cors_origins
         self.cors_origins = {o.encode() for o in settings.cors_origins if o != "*"}
         self.cors = bool(settings.cors_origins)
+        # The chat routes, served without Litestar's router (routes/chat.py: serve_hot); imported
+        # here because the routes themselves use this module.
+        from pwachat.routes.chat import HOT_ROUTES, serve_hot
+
+        self.hot_paths = frozenset(HOT_ROUTES)
+        self.serve_hot = serve_hot
 
     def _allowed_origin(self, scope: dict[str, Any]) -> bytes | None:
         origin = _header(scope, b"origin")
@@ -176,7 +182,10 @@ class EdgeMiddleware:
             ):
                 await self._refuse_http(scope, rid, send_wrapper)
                 return
-            await self.app(scope, receive, send_wrapper)
+            if scope["method"] == "POST" and scope["path"] in self.hot_paths:
+                await self.serve_hot(scope, receive, send_wrapper)
+            else:
+                await self.app(scope, receive, send_wrapper)
         finally:
             fields.update(
                 request_id=rid,
@@ -185,7 +194,7 @@ class EdgeMiddleware:
                 status=status,
                 duration_ms=round((time.perf_counter() - started) * 1000, 3),
             )
-            access_log.info("request", extra=fields)
+            log_access(fields)
 
     async def _refuse_http(self, scope: dict[str, Any], rid: str, send: Any) -> None:
         if scope["method"] in ("GET", "HEAD"):

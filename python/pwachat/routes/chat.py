@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ASGIApp
 
 from pwachat._native import SanitizeError, sanitize_chat
-from pwachat.errors import ApiError, ErrorDetail, InvalidRequest
+from pwachat.errors import ApiError, ErrorDetail, InvalidRequest, log_internal, send_error
 from pwachat.providers import ChatInput, Provider, ProviderError, UpstreamTimeout
 from pwachat.ratelimit import caller_key, rate_limit_headers, refusal
 from pwachat.relay import EventStream, open_upstream
@@ -31,7 +32,7 @@ from pwachat.schemas import ChatRequest, ChatResponse, Usage
 from pwachat.security import client_ip
 from pwachat.services import Services
 
-__all__ = ["chat", "chat_stream"]
+__all__ = ["HOT_ROUTES", "chat", "chat_stream", "serve_hot"]
 
 _decode_request = msgspec.json.Decoder(ChatRequest).decode
 _encode = msgspec.json.Encoder().encode
@@ -129,10 +130,33 @@ def _request_headers(scope: dict[str, Any]) -> tuple[str | None, str | None]:
     return ctype, length
 
 
-async def prepare(request: Request[Any, Any, Any], svc: Services) -> Prepared:
+async def read_body(receive: Any, limit: int) -> bytes:
+    """The whole request body from ASGI `receive`, refused past `limit` bytes (chunked bodies have no
+    Content-Length to check up front)."""
+    message = await receive()
+    body = message.get("body", b"")
+    if not message.get("more_body", False) and message["type"] == "http.request":
+        if len(body) > limit:
+            raise PayloadTooLarge(f"Request body is larger than {limit} bytes")
+        return body  # the usual case: one message
+    chunks = [body]
+    size = len(body)
+    while True:
+        if message["type"] == "http.disconnect":
+            raise ApiError("The request body ended early", status=400, code="invalid_request")
+        if size > limit:
+            raise PayloadTooLarge(f"Request body is larger than {limit} bytes")
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+        message = await receive()
+        body = message.get("body", b"")
+        chunks.append(body)
+        size += len(body)
+
+
+async def prepare(scope: Any, receive: Any, svc: Services) -> Prepared:
     """Every check of the contract, in its order; returns what the provider call needs."""
     settings = svc.settings
-    scope = request.scope
     fields: dict[str, Any] = scope["state"]["log"]
     ctype, length = _request_headers(scope)
     if not _is_json(ctype):
@@ -140,8 +164,7 @@ async def prepare(request: Request[Any, Any, Any], svc: Services) -> Prepared:
     if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
         raise PayloadTooLarge(f"Request body is larger than {settings.max_body_bytes} bytes")
     token = authorize(scope, svc)
-    body = await request.body()  # Litestar enforces MAX_BODY_BYTES while reading chunked bodies
-    req = _parse(body)
+    req = _parse(await read_body(receive, settings.max_body_bytes))
 
     history = req.history or []
     if len(history) > settings.max_history_messages:
@@ -214,18 +237,9 @@ class JsonAnswer:
         await send({"type": "http.response.body", "body": self.body})
 
 
-# The handlers return bare ASGI apps (JsonAnswer, EventStream) and take only the request: Litestar's
-# signature parsing and Response building would cost more than the rest of a request (benches/).
-@post(
-    "/chat",
-    dependencies=_schema_only,
-    summary="Chat (one JSON answer)",
-    status_code=200,
-    responses={200: ResponseSpec(data_container=ChatResponse, description="The provider's whole answer")},
-)
-async def chat(request: Request[Any, Any, Any]) -> ASGIApp:
-    svc: Services = request.app.state.services
-    p = await prepare(request, svc)
+async def answer_chat(scope: Any, receive: Any, svc: Services) -> JsonAnswer:
+    """POST /api/chat: the provider's whole answer, as one JSON body."""
+    p = await prepare(scope, receive, svc)
     try:
         async with asyncio.timeout(svc.settings.upstream_timeout_s):
             done = await p.provider.complete(p.chat)
@@ -246,25 +260,12 @@ async def chat(request: Request[Any, Any, Any]) -> ASGIApp:
     return JsonAnswer(_encode(body), p.headers)
 
 
-@post(
-    "/chat/stream",
-    dependencies=_schema_only,
-    summary="Chat (Server-Sent Events)",
-    status_code=200,
-    responses={
-        200: ResponseSpec(
-            data_container=str,
-            media_type="text/event-stream",
-            description="`start`, then `delta` events as the provider sends text, then `done` or `error`",
-        )
-    },
-)
-async def chat_stream(request: Request[Any, Any, Any]) -> ASGIApp:
-    svc: Services = request.app.state.services
+async def answer_stream(scope: Any, receive: Any, svc: Services) -> EventStream:
+    """POST /api/chat/stream: the answer as Server-Sent Events."""
     settings = svc.settings
-    p = await prepare(request, svc)
+    p = await prepare(scope, receive, svc)
     p.log.update(stream=True, events=0, output_chars=0)
-    request_id = request.scope["state"]["request_id"]
+    request_id = scope["state"]["request_id"]
     opening = open_upstream(p.provider, p.chat, settings.upstream_timeout_s, request_id)
     try:
         # Wait for the provider's head for up to a heartbeat: a quick failure is still plain JSON.
@@ -288,3 +289,73 @@ async def chat_stream(request: Request[Any, Any, Any]) -> ASGIApp:
         heartbeat_s=settings.sse_heartbeat_s,
         gap_s=settings.upstream_timeout_s,
     )
+
+
+#: What `EdgeMiddleware` serves itself, without Litestar's router: exactly `POST` to these paths.
+HOT_ROUTES: dict[
+    str, Callable[[Any, Any, Services], Awaitable[Callable[[Any, Any, Any], Awaitable[None]]]]
+] = {
+    "/api/chat": answer_chat,
+    "/api/chat/stream": answer_stream,
+}
+
+
+async def serve_hot(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """`POST /api/chat` and `/api/chat/stream`, straight from the edge middleware.
+
+    Litestar's router, request object and exception middleware cost about a third of the Python
+    time of a whole /api/chat request (py-spy), on the two routes that carry the load. These two
+    need none of them: the checks are ours (`prepare`), the answers are bare ASGI apps, and the
+    errors are our envelope, built here the way `pwachat.errors` builds it for everything else.
+    The Litestar handlers below run the same functions; they remain the routes' declaration (the
+    OpenAPI document) and serve any other path spelling Litestar accepts (a trailing slash)."""
+    svc: Services = scope["app"].state.services
+    started = False
+
+    async def tracking_send(message: dict[str, Any]) -> None:
+        nonlocal started
+        started = True
+        await send(message)
+
+    try:
+        answer = await HOT_ROUTES[scope["path"]](scope, receive, svc)
+        await answer(scope, receive, tracking_send)
+    except ApiError as err:
+        if started:
+            raise
+        await send_error(send, err.status, err.code, err.message, scope, err.headers, err.details)
+    except Exception as exc:
+        if started:
+            raise
+        log_internal(exc, scope)
+        await send_error(send, 500, "internal_error", "Internal server error", scope)
+
+
+# The Litestar handlers: the routes' declaration for the OpenAPI document, and the same functions
+# as `serve_hot` for requests that reach the router.
+@post(
+    "/chat",
+    dependencies=_schema_only,
+    summary="Chat (one JSON answer)",
+    status_code=200,
+    responses={200: ResponseSpec(data_container=ChatResponse, description="The provider's whole answer")},
+)
+async def chat(request: Request[Any, Any, Any]) -> ASGIApp:
+    return await answer_chat(request.scope, request.receive, request.app.state.services)
+
+
+@post(
+    "/chat/stream",
+    dependencies=_schema_only,
+    summary="Chat (Server-Sent Events)",
+    status_code=200,
+    responses={
+        200: ResponseSpec(
+            data_container=str,
+            media_type="text/event-stream",
+            description="`start`, then `delta` events as the provider sends text, then `done` or `error`",
+        )
+    },
+)
+async def chat_stream(request: Request[Any, Any, Any]) -> ASGIApp:
+    return await answer_stream(request.scope, request.receive, request.app.state.services)
