@@ -95,7 +95,7 @@ def build_providers(settings: Settings) -> Providers:
     """Make one client per configured provider; called in the app's lifespan, closed at shutdown."""
     serving: dict[str, Provider] = {}
     if settings.openai_api_key or settings.anthropic_api_key:
-        # Imported here: these pull in aiohttp, which an echo-only server never needs.
+        # Imported here: an echo-only server never needs the HTTP client or the SDK hand-off.
         from pwachat import wire
         from pwachat.providers.anthropic import AnthropicProvider
         from pwachat.providers.openai import OpenAIProvider

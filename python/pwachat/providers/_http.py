@@ -1,9 +1,10 @@
 """The lean, pooled HTTP path to a provider, shared by the OpenAI and Anthropic modules.
 
 The SDKs configure the client (base URL, auth and default headers: pwachat/wire.py); the request itself
-goes through one pooled aiohttp session and the answer is read raw: JSON bodies are decoded by
-msgspec into the few fields we use, streams are parsed by the native `UpstreamParser`. The SDKs'
-own transport and per-chunk model building cost far more than the relay itself (see benches/).
+goes through one connection pool per provider (`_wire.py`: HTTP/1.1 on asyncio's transports, one
+write per request) and the answer is read raw: JSON bodies are decoded by msgspec into the few
+fields we use, streams are parsed by the native `UpstreamParser`. The SDKs' own transport and
+per-chunk model building cost far more than the relay itself (see benches/).
 
 Retries follow the SDKs' policy (connection errors, 408, 409, 429 and 5xx; `x-should-retry`;
 `retry-after` up to 60 s, else exponential backoff with jitter) and happen only before a response
@@ -16,15 +17,14 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import aiohttp
 import msgspec
-from multidict import CIMultiDictProxy
 
 from pwachat._native import UpstreamFormatError, UpstreamParser
+from pwachat.providers._wire import ConnectFailed, Pool, Response, WireError
 from pwachat.providers.base import (
     ChatInput,
     Completion,
@@ -41,7 +41,7 @@ _RETRY_STATUSES = {408, 409, 429}
 _MAX_RETRY_AFTER_S = 60.0
 
 
-def retry_after_s(headers: CIMultiDictProxy[str] | dict[str, str]) -> float | None:
+def retry_after_s(headers: Mapping[str, str]) -> float | None:
     """Seconds the provider asked us to wait (`retry-after-ms`, `retry-after` seconds or date)."""
     ms = headers.get("retry-after-ms")
     if ms:
@@ -63,9 +63,7 @@ def retry_after_s(headers: CIMultiDictProxy[str] | dict[str, str]) -> float | No
     return max(when.timestamp() - time.time(), 0.0)
 
 
-def error_for_status(
-    label: str, status: int, headers: CIMultiDictProxy[str] | dict[str, str]
-) -> ProviderError:
+def error_for_status(label: str, status: int, headers: Mapping[str, str]) -> ProviderError:
     """The contract's error for a provider's final non-2xx answer; never its body or our key."""
     if status == 429:
         wait = retry_after_s(headers)
@@ -83,7 +81,7 @@ def error_for_status(
 
 
 class UpstreamHTTP:
-    """One aiohttp session (a connection pool) for one provider; made at start-up, closed at shutdown."""
+    """One connection pool for one provider; made at start-up, closed at shutdown."""
 
     def __init__(
         self,
@@ -92,35 +90,22 @@ class UpstreamHTTP:
         base_url: str,
         headers: dict[str, str],
         max_retries: int,
-        map_status: Callable[[int, CIMultiDictProxy[str]], ProviderError],
+        map_status: Callable[[int, Mapping[str, str]], ProviderError],
     ) -> None:
         self.label = label
-        self.base_url = base_url.rstrip("/")
-        self.headers = headers
         self.max_retries = max_retries
         self.map_status = map_status
-        self._session: aiohttp.ClientSession | None = None
+        # Whole-request bounds are the relay's (UPSTREAM_TIMEOUT_S); only connecting is bounded here.
+        self.pool = Pool(base_url, {"Content-Type": "application/json", **headers})
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300),
-                # Whole-request bounds are the relay's (UPSTREAM_TIMEOUT_S); only connecting is bounded here.
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-                headers=self.headers,
-                skip_auto_headers=("User-Agent",),
-            )
-        return self._session
-
-    async def post(self, path: str, body: bytes) -> aiohttp.ClientResponse:
+    async def post(self, path: str, body: bytes) -> Response:
         """POST and return the accepted (2xx) response with its body unread; map every failure."""
-        session = self._client()
-        url = self.base_url + path
+        request = self.pool.request_bytes(path, body)
         attempt = 0
         while True:
             try:
-                resp = await session.post(url, data=body)
-            except (aiohttp.ClientConnectionError, OSError):
+                resp = await self.pool.send(request)
+            except (ConnectFailed, WireError, OSError):
                 if attempt < self.max_retries:
                     await asyncio.sleep(_backoff(attempt, None))
                     attempt += 1
@@ -136,11 +121,10 @@ class UpstreamHTTP:
             raise self.map_status(resp.status, resp.headers)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.pool.aclose()
 
 
-def _should_retry(resp: aiohttp.ClientResponse) -> bool:
+def _should_retry(resp: Response) -> bool:
     explicit = resp.headers.get("x-should-retry")
     if explicit == "true":
         return True
@@ -159,13 +143,14 @@ class RawStream:
     """An accepted streamed response, parsed natively as its bytes arrive (see base.ProviderStream).
 
     `next()` waits for the next network read and returns its text deltas; `ready()` returns what
-    has already arrived without waiting. Waiting is cancellation-safe: aiohttp keeps bytes that
-    arrive while nobody reads, so the relay can wait with a deadline (heartbeats) and read on.
+    has already arrived without waiting. Waiting is cancellation-safe: the connection keeps bytes
+    that arrive while nobody reads (`_wire.py`), so the relay can wait with a deadline (heartbeats)
+    and read on.
     """
 
     def __init__(
         self,
-        resp: aiohttp.ClientResponse,
+        resp: Response,
         kind: str,
         label: str,
         map_event_error: Callable[[str, str], ProviderError],
@@ -207,10 +192,7 @@ class RawStream:
     def ready(self) -> list[str]:
         if self.finished or self._error is not None:
             return []
-        try:
-            data = self._resp.content.read_nowait()
-        except (aiohttp.ClientError, OSError, RuntimeError):
-            return []  # next() will tell
+        data = self._resp.read_nowait()
         return self._consume(data) if data else []
 
     async def next(self) -> list[str]:
@@ -221,10 +203,10 @@ class RawStream:
                 return []
             broken = False
             try:
-                data = await self._resp.content.readany()
-            except (aiohttp.ClientError, OSError):
+                data = await self._resp.readany()  # what came before a break comes first
+            except (WireError, OSError):
                 broken = True
-                data = _salvage(self._resp.content)
+                data = b""
             deltas = self._consume(data) if data else []
             if not self.finished and self._error is None and (broken or not data):
                 how = "broke" if broken else "ended"
@@ -242,16 +224,6 @@ class RawStream:
             self._resp.release()
         else:
             self._resp.close()
-
-
-def _salvage(content: aiohttp.StreamReader) -> bytes:
-    """Bytes that arrived before the connection broke. aiohttp raises a broken connection's error
-    before handing out what it had buffered, but those deltas came first and belong to the client;
-    there is no public call for them, hence the guarded private one."""
-    try:
-        return content._read_nowait(-1) if content._buffer else b""
-    except (AttributeError, TypeError):
-        return b""
 
 
 class HttpProvider:
@@ -284,7 +256,7 @@ class HttpProvider:
         """Decode a whole answer; raise `msgspec.DecodeError`, `IndexError` or `KeyError` when unusable."""
         raise NotImplementedError
 
-    def _map_status(self, status: int, headers: CIMultiDictProxy[str]) -> ProviderError:
+    def _map_status(self, status: int, headers: Mapping[str, str]) -> ProviderError:
         return error_for_status(self.label, status, headers)
 
     def _map_event_error(self, kind: str, message: str) -> ProviderError:
@@ -294,7 +266,7 @@ class HttpProvider:
         resp = await self.http.post(self.path, self._body(chat, stream=False))
         try:
             raw = await resp.read()
-        except (aiohttp.ClientError, OSError):
+        except (WireError, OSError):
             raise UpstreamError(f"The connection to {self.label} broke while reading its answer") from None
         finally:
             resp.release()

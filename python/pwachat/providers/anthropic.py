@@ -7,8 +7,9 @@ or the native stream parser.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import msgspec
-from multidict import CIMultiDictProxy
 
 from pwachat.providers._http import HttpProvider
 from pwachat.providers.base import (
@@ -80,7 +81,7 @@ class AnthropicProvider(HttpProvider):
             output_tokens=usage.output_tokens,
         )
 
-    def _map_status(self, status: int, headers: CIMultiDictProxy[str]) -> ProviderError:
+    def _map_status(self, status: int, headers: Mapping[str, str]) -> ProviderError:
         if status == 529:
             return UpstreamError(f"{LABEL} is overloaded (HTTP 529)")
         return super()._map_status(status, headers)

@@ -1,0 +1,430 @@
+"""A small pooled HTTP/1.1 client for the two documented provider APIs, on asyncio's own transports.
+
+The relay sends one kind of request (a JSON POST) and reads one of two kinds of answer (a JSON body,
+or an event stream), to a handful of hosts, millions of times. A general client (aiohttp) builds a
+request object, header multidicts, cookie handling, payload writers and a response object per call,
+which was about 40% of the Python time of a whole /api/chat request (py-spy). Here a request is one
+pre-built byte string and one write; the answer is parsed as it arrives by an `asyncio.Protocol`:
+the head once, then the body (Content-Length, chunked, or up to the close) straight into a buffer
+the caller drains, with the transport paused while that buffer is full.
+
+What it does, as HTTP/1.1 asks of a client: keep-alive connections reused LIFO (dropped when the
+server closes them, says `Connection: close`, or they sat idle past `KEEPALIVE_S`), a request that
+meets a reused connection the server had already closed is sent again on a fresh one, 1xx interim
+answers are skipped, TLS (SNI, the system's CAs) for https base URLs. What it leaves out, because
+neither API needs it: proxies, redirects, cookies, compression (it asks for none), HTTP/2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from urllib.parse import urlsplit
+
+__all__ = ["ConnectFailed", "Pool", "Response", "WireError"]
+
+KEEPALIVE_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
+MAX_HEAD_BYTES = 64 * 1024
+#: Pause reading when this much body is waiting to be consumed, resume below a quarter of it.
+HIGH_WATER = 1024 * 1024
+_HEX = b"0123456789abcdefABCDEF"
+#: The largest whole (non-streamed) answer read: a chat completion is a few kilobytes.
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+class WireError(ConnectionError):
+    """The connection broke, or the server answered something that is not HTTP/1.x."""
+
+
+class ConnectFailed(WireError):
+    """No connection could be made (refused, unreachable, TLS failure, timed out)."""
+
+
+class _Conn(asyncio.Protocol):
+    """One connection, one response at a time."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.buf = bytearray()  # raw bytes not parsed yet
+        self.body = bytearray()  # decoded body bytes not consumed yet
+        self.received = 0  # raw bytes of this exchange (0: the server never answered)
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.state = "idle"  # head, body, done
+        self.framing = ""  # length, chunked, eof
+        self.remaining = 0  # length: body bytes to come; chunked: bytes left in this chunk
+        self.chunk_phase = "size"  # size, data, crlf, trailer
+        self.reusable = True
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.paused = False
+        self.draining = False  # released before its end arrived: back to the pool once it has
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.state not in ("head", "body"):
+            # Bytes nobody asked for (a server talking out of turn): this connection is not reusable.
+            self.reusable = False
+            return
+        self.received += len(data)
+        self.buf += data
+        try:
+            self._parse()
+        except WireError as err:
+            self.error = err
+            self.reusable = False
+            self.abort()
+        if self.draining:
+            self.body.clear()  # nobody reads it any more
+            if self.state == "done" or self.error is not None:
+                self.draining = False
+                self.pool._release(self)
+            return
+        if self.framing and not self.paused and len(self.body) > HIGH_WATER and self.transport:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.state == "body" and self.framing == "eof" and exc is None:
+            self.state = "done"  # a body delimited by the close: the close is its end
+        elif self.state in ("head", "body") and self.error is None:
+            self.error = WireError("the connection closed before the answer was complete")
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- parsing -------------------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        while self.state == "head":
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buf) > MAX_HEAD_BYTES:
+                    raise WireError("the response head is too long")
+                return
+            head = bytes(self.buf[:end]).decode("latin-1")
+            del self.buf[: end + 4]
+            self._head(head)
+        if self.state == "body":
+            self._body()
+
+    def _head(self, head: str) -> None:
+        lines = head.split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise WireError("the answer is not HTTP/1.x")
+        status = int(parts[1])
+        if 100 <= status < 200 and status != 101:
+            return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise WireError("a response header line has no colon")
+            key = name.strip().lower()
+            value = value.strip()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        self.status = status
+        self.headers = headers
+        if "close" in headers.get("connection", "").lower() or parts[0] == "HTTP/1.0":
+            self.reusable = False
+        if status in (204, 304) or status == 101:
+            self.framing = "length"
+            self.state = "done"
+            return
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            self.framing = "chunked"
+        elif "content-length" in headers:
+            length = headers["content-length"].split(",")[0].strip()
+            if not length.isdigit():
+                raise WireError("the Content-Length is not a number")
+            self.framing = "length"
+            self.remaining = int(length)
+        else:
+            self.framing = "eof"
+            self.reusable = False
+        self.state = "body"
+        if self.framing == "length" and self.remaining == 0:
+            self.state = "done"
+
+    def _body(self) -> None:
+        buf = self.buf
+        if self.framing == "eof":
+            self.body += buf
+            buf.clear()
+            return
+        if self.framing == "length":
+            take = min(self.remaining, len(buf))
+            self.body += buf[:take]
+            del buf[:take]
+            self.remaining -= take
+            if self.remaining == 0:
+                self.state = "done"
+                if buf:
+                    self.reusable = False  # more than announced
+            return
+        # chunked: walk the buffer with an offset and cut it once (a relay's read holds many chunks)
+        pos, size_of, body = 0, len(buf), self.body
+        try:
+            while pos < size_of:
+                phase = self.chunk_phase
+                if phase == "data":
+                    take = min(self.remaining, size_of - pos)
+                    body += buf[pos : pos + take]
+                    pos += take
+                    self.remaining -= take
+                    if self.remaining == 0:
+                        self.chunk_phase = "crlf"
+                elif phase == "crlf":
+                    if size_of - pos < 2:
+                        return
+                    if buf[pos : pos + 2] != b"\r\n":
+                        raise WireError("a chunk does not end with CRLF")
+                    pos += 2
+                    self.chunk_phase = "size"
+                else:  # size or trailer: one line at a time
+                    end = buf.find(b"\r\n", pos)
+                    if end < 0:
+                        if size_of - pos > MAX_HEAD_BYTES:
+                            raise WireError("a chunk header is too long")
+                        return
+                    line = bytes(buf[pos:end])
+                    pos = end + 2
+                    if phase == "trailer":
+                        if not line:
+                            self.state = "done"
+                            if pos < size_of:
+                                self.reusable = False
+                            return
+                        continue
+                    size = line.split(b";", 1)[0].strip()
+                    if not size or len(size) > 15 or size.strip(_HEX):
+                        raise WireError("a chunk size is not hexadecimal")
+                    self.remaining = int(size, 16)
+                    self.chunk_phase = "data" if self.remaining else "trailer"
+        finally:
+            del buf[:pos]
+
+    # -- for the pool and the response ---------------------------------------------------------
+
+    def begin(self, request: bytes) -> None:
+        self._reset()
+        self.state = "head"
+        assert self.transport is not None
+        self.transport.write(request)
+
+    async def wait(self) -> None:
+        """Until something new arrived (head, body bytes, the end or an error)."""
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    def take(self) -> bytes:
+        data = bytes(self.body)
+        self.body.clear()
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
+    def abort(self) -> None:
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Response:
+    """A response whose head has arrived; the body is read with `read`, or as it comes with
+    `read_nowait` / `readany`. `release()` when done (the connection goes back to the pool if it
+    can), `close()` to drop the connection (the upstream sees it go at once). Either one ends the
+    response's hold on the connection: a later `close()` cannot reach a connection the pool has
+    handed to another request."""
+
+    __slots__ = ("_conn", "_pool", "headers", "status")
+
+    def __init__(self, conn: _Conn, pool: Pool) -> None:
+        self._conn: _Conn | None = conn
+        self._pool = pool
+        self.status = conn.status
+        self.headers = conn.headers
+
+    def _held(self) -> _Conn:
+        if self._conn is None:
+            raise WireError("the response was released")
+        return self._conn
+
+    async def read(self, limit: int = MAX_BODY_BYTES) -> bytes:
+        """The whole body; a WireError past `limit` bytes (the connection is dropped)."""
+        conn = self._held()
+        parts = []
+        size = 0
+        while True:
+            if conn.body:
+                parts.append(conn.take())  # taken as it comes, so a paused transport resumes
+                size += len(parts[-1])
+                if size > limit:
+                    self.close()
+                    raise WireError("the answer is larger than the client accepts")
+            if conn.state == "done":
+                return b"".join(parts)
+            if conn.error is not None:
+                raise conn.error
+            await conn.wait()
+
+    def read_nowait(self) -> bytes:
+        """What has arrived and not been read yet (maybe nothing); never raises."""
+        return self._conn.take() if self._conn is not None else b""
+
+    async def readany(self) -> bytes:
+        """The next bytes; b"" once the body is complete. A broken connection raises, but only
+        after the bytes that arrived before the break have been returned."""
+        conn = self._held()
+        while True:
+            if conn.body:
+                return conn.take()
+            if conn.state == "done":
+                return b""
+            if conn.error is not None:
+                raise conn.error
+            await conn.wait()
+
+    def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._pool._release(conn)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort()
+
+
+class Pool:
+    """Keep-alive connections to one origin, and the request bytes that go out on them."""
+
+    def __init__(self, base_url: str, headers: dict[str, str]) -> None:
+        url = urlsplit(base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("the base URL must be http:// or https:// with a host")
+        self.host = url.hostname
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if url.scheme == "https" else None
+        self.prefix = url.path.rstrip("/")
+        default_port = self.port == (443 if url.scheme == "https" else 80)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        authority = host if default_port else f"{host}:{self.port}"
+        # Later names win over earlier ones whatever their case; these four are the client's own.
+        chosen: dict[str, tuple[str, str]] = {}
+        for name, value in headers.items():
+            if any(c in name + value for c in "\r\n\0") or not name or ":" in name:
+                raise ValueError(f"the header {name!r} cannot be sent")
+            chosen[name.lower()] = (name, value)
+        for own in ("host", "content-length", "transfer-encoding", "accept-encoding"):
+            chosen.pop(own, None)
+        lines = [
+            f"Host: {authority}",
+            "Accept-Encoding: identity",
+            *(f"{n}: {v}" for n, v in chosen.values()),
+        ]
+        self._headers = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
+        self._idle: list[_Conn] = []
+        self._closed = False
+
+    def request_bytes(self, path: str, body: bytes) -> bytes:
+        target = (self.prefix + path).encode("latin-1")
+        return b"".join(
+            (b"POST ", target, b" HTTP/1.1\r\n", self._headers, str(len(body)).encode(), b"\r\n\r\n", body)
+        )
+
+    async def _connect(self) -> _Conn:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                _, conn = await loop.create_connection(
+                    lambda: _Conn(self),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self.host if self.ssl else None,
+                )
+        except (OSError, TimeoutError) as err:  # refused, unreachable, DNS, TLS (ssl.SSLError)
+            raise ConnectFailed(f"could not connect: {type(err).__name__}") from None
+        return conn
+
+    async def send(self, request: bytes) -> Response:
+        """Send `request` and wait for the head of its answer (interim 1xx skipped).
+
+        A reused connection that turns out closed before any byte of the answer came back (the
+        server timed it out as we wrote) is not the server's answer: the request goes again on a
+        fresh connection. Cancelled or failed half-way, the connection is dropped."""
+        now = time.monotonic()
+        while True:
+            conn = None
+            while self._idle:
+                candidate = self._idle.pop()
+                if candidate.closed or now - candidate.idle_since > KEEPALIVE_S:
+                    candidate.abort()
+                    continue
+                conn = candidate
+                break
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect()
+            try:
+                conn.begin(request)
+                while conn.state == "head":
+                    if conn.error is not None:
+                        raise conn.error
+                    await conn.wait()
+            except WireError:
+                conn.abort()
+                if reused and conn.received == 0:
+                    continue
+                raise
+            except BaseException:
+                conn.abort()
+                raise
+            return Response(conn, self)
+
+    def _release(self, conn: _Conn) -> None:
+        usable = conn.reusable and not conn.closed and not self._closed and conn.error is None
+        if usable and conn.state == "body" and conn.framing == "chunked":
+            # A stream whose last event has been read but whose closing chunk has not arrived yet
+            # (it is usually in flight): keep reading, discard, and pool it when it ends.
+            conn.draining = True
+            conn.body.clear()
+            if conn.paused and conn.transport is not None:
+                conn.paused = False
+                conn.transport.resume_reading()
+            return
+        if usable and conn.state == "done" and not conn.body:
+            conn.state = "idle"
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
+        else:
+            conn.abort()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for conn in self._idle:
+            conn.abort()
+        self._idle.clear()

@@ -1,0 +1,373 @@
+"""The providers' HTTP/1.1 client (pwachat/providers/_wire.py) against a scripted raw TCP server.
+
+The fake upstream (tests/fake_upstream.py) speaks HTTP the way aiohttp does; these answers are the
+other spellings a provider, a proxy or an OpenAI-compatible server may use: chunk extensions and
+trailers, bytes dribbled one at a time, bodies ended by the close, interim 1xx answers, `Connection:
+close`, keep-alive connections the server drops while idle, and answers that are not HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from pwachat.providers._wire import Pool, WireError
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[bool]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, dict[str, str], bytes]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    lines = head.split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return lines[0], headers, body
+
+
+class Server:
+    """Each connection is served by `handler(reader, writer, request_number)` until it returns
+    False (then the server closes the connection). Counts connections and keeps the requests."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+
+    async def __aenter__(self) -> Server:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            try:
+                while True:
+                    try:
+                        self.requests.append(await read_request(reader))
+                    except (asyncio.IncompleteReadError, ConnectionError):
+                        return
+                    if not await self.handler(reader, writer, len(self.requests)):
+                        return
+            finally:
+                writer.close()
+
+        self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+def answer(*parts: bytes, keep: bool = True, dribble: bool = False) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
+        for part in parts:
+            if dribble:
+                for i in range(len(part)):
+                    writer.write(part[i : i + 1])
+                    await writer.drain()
+                    await asyncio.sleep(0)
+            else:
+                writer.write(part)
+                await writer.drain()
+        return keep
+
+    return handler
+
+
+def run(coro: Awaitable[object]) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+async def post(pool: Pool, body: bytes = b'{"x":1}') -> tuple[int, dict[str, str], bytes]:
+    resp = await pool.send(pool.request_bytes("/chat", body))
+    data = await resp.read()
+    resp.release()
+    return resp.status, resp.headers, data
+
+
+def test_the_request_is_one_post_with_the_given_headers_and_body() -> None:
+    async def main() -> None:
+        ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        async with Server(answer(ok)) as srv:
+            pool = Pool(srv.url, {"Authorization": "Bearer k", "content-type": "application/json"})
+            assert await post(pool, b'{"a":"b"}') == (200, {"content-length": "2"}, b"ok")
+            line, headers, body = srv.requests[0]
+            assert line == "POST /v1/chat HTTP/1.1"
+            assert body == b'{"a":"b"}'
+            assert headers["host"] == srv.url.split("//")[1].split("/")[0]
+            assert headers["authorization"] == "Bearer k"
+            assert headers["content-type"] == "application/json"
+            assert headers["content-length"] == "9"
+            assert headers["accept-encoding"] == "identity"
+            await pool.aclose()
+
+    run(main())
+
+
+def test_keep_alive_reuses_one_connection() -> None:
+    async def main() -> None:
+        ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        async with Server(answer(ok)) as srv:
+            pool = Pool(srv.url, {})
+            for _ in range(5):
+                assert (await post(pool))[2] == b"ok"
+            assert srv.connections == 1
+            await pool.aclose()
+
+    run(main())
+
+
+@pytest.mark.parametrize("dribble", [False, True])
+def test_chunked_bodies_with_extensions_and_trailers(dribble: bool) -> None:
+    async def main() -> None:
+        chunked = (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: yes\r\n\r\n"
+        )
+        async with Server(answer(chunked, dribble=dribble)) as srv:
+            pool = Pool(srv.url, {})
+            assert (await post(pool))[2] == b"hello world"
+            assert (await post(pool))[2] == b"hello world"
+            assert srv.connections == 1  # the trailer ended the answer: the connection was reusable
+            await pool.aclose()
+
+    run(main())
+
+
+def test_a_content_length_body_dribbled_byte_by_byte() -> None:
+    async def main() -> None:
+        resp = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world"
+        async with Server(answer(resp, dribble=True)) as srv:
+            pool = Pool(srv.url, {})
+            assert (await post(pool))[2] == b"hello world"
+            await pool.aclose()
+
+    run(main())
+
+
+def test_a_body_ended_by_the_close_is_whole_and_the_connection_is_not_reused() -> None:
+    async def main() -> None:
+        resp = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: a\n\ndata: b\n\n"
+        async with Server(answer(resp, keep=False)) as srv:
+            pool = Pool(srv.url, {})
+            assert (await post(pool))[2] == b"data: a\n\ndata: b\n\n"
+            assert (await post(pool))[2] == b"data: a\n\ndata: b\n\n"
+            assert srv.connections == 2
+            await pool.aclose()
+
+    run(main())
+
+
+def test_interim_answers_are_skipped() -> None:
+    async def main() -> None:
+        resp = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\n"
+        resp += b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok"
+        async with Server(answer(resp)) as srv:
+            pool = Pool(srv.url, {})
+            status, headers, body = await post(pool)
+            assert (status, body) == (201, b"ok") and "link" not in headers
+            await pool.aclose()
+
+    run(main())
+
+
+def test_connection_close_means_a_new_connection_next_time() -> None:
+    async def main() -> None:
+        resp = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+        async with Server(answer(resp)) as srv:  # the server would keep it; the header says no
+            pool = Pool(srv.url, {})
+            await post(pool)
+            await post(pool)
+            assert srv.connections == 2
+            await pool.aclose()
+
+    run(main())
+
+
+def test_a_keep_alive_connection_the_server_dropped_is_replaced_transparently() -> None:
+    async def main() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            return False  # keep-alive announced, then closed (an idle timeout on the server)
+
+        async with Server(handler) as srv:
+            pool = Pool(srv.url, {})
+            assert (await post(pool))[2] == b"ok"
+            # Whether or not the close has been seen yet, the next request is answered.
+            assert (await post(pool))[2] == b"ok"
+            assert (await post(pool))[2] == b"ok"
+            assert srv.connections == 3
+            await pool.aclose()
+
+    run(main())
+
+
+def test_a_break_mid_body_returns_what_came_then_raises() -> None:
+    async def main() -> None:
+        resp = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"
+        async with Server(answer(resp, keep=False)) as srv:
+            pool = Pool(srv.url, {})
+            r = await pool.send(pool.request_bytes("/chat", b"{}"))
+            got = b""
+            with pytest.raises(WireError):
+                while chunk := await r.readany():
+                    got += chunk
+            assert got == b"partial"
+            r.close()
+            with pytest.raises(WireError):
+                await post(pool)  # same again through read()
+            await pool.aclose()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"SSH-2.0-OpenSSH\r\n\r\n",
+        b"HTTP/1.1 abc OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nabc\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nabcde\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY",
+    ],
+)
+def test_answers_that_are_not_http_are_errors_not_hangs(garbage: bytes) -> None:
+    async def main() -> None:
+        async with Server(answer(garbage)) as srv:
+            pool = Pool(srv.url, {})
+            with pytest.raises(WireError):
+                async with asyncio.timeout(5):
+                    await post(pool)
+            await pool.aclose()
+
+    run(main())
+
+
+def test_a_large_body_flows_through_the_paused_transport() -> None:
+    async def main() -> None:
+        big = bytes(range(256)) * (4 * 4096)  # 4 MiB, past the pause threshold
+        resp = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big
+        async with Server(answer(resp)) as srv:
+            pool = Pool(srv.url, {})
+            r = await pool.send(pool.request_bytes("/chat", b"{}"))
+            got = bytearray()
+            while chunk := await r.readany():
+                got += chunk
+                await asyncio.sleep(0.001)  # a slow reader: the transport pauses and resumes
+            assert bytes(got) == big
+            r.release()
+            assert (await post(pool))[2] == big  # and the connection was still good
+            assert srv.connections == 1
+            await pool.aclose()
+
+    run(main())
+
+
+def test_a_refused_connection_is_connect_failed() -> None:
+    from pwachat.providers._wire import ConnectFailed
+    from server import free_port
+
+    async def main() -> None:
+        pool = Pool(f"http://127.0.0.1:{free_port()}/v1", {})
+        with pytest.raises(ConnectFailed):
+            await post(pool)
+
+    run(main())
+
+
+@pytest.mark.parametrize("headers", [{"X-A": "b\r\nX-Injected: 1"}, {"X-A\n": "b"}, {"": "b"}, {"X:A": "b"}])
+def test_headers_that_would_break_the_request_are_refused(headers: dict[str, str]) -> None:
+    with pytest.raises(ValueError):
+        Pool("http://127.0.0.1:9/v1", headers)
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "target"),
+    [
+        ("https://api.openai.com/v1", "api.openai.com", "/v1/chat"),
+        ("http://localhost:11434/v1/", "localhost:11434", "/v1/chat"),
+        ("http://[::1]:8000", "[::1]:8000", "/chat"),
+        ("http://example.com:80/", "example.com", "/chat"),
+    ],
+)
+def test_host_and_target_from_the_base_url(url: str, host: str, target: str) -> None:
+    pool = Pool(url, {})
+    head = pool.request_bytes("/chat", b"").decode()
+    assert head.startswith(f"POST {target} HTTP/1.1\r\nHost: {host}\r\n")
+    assert (pool.ssl is not None) == url.startswith("https")
+
+
+def test_a_whole_answer_larger_than_the_limit_is_refused() -> None:
+    async def main() -> None:
+        resp = b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000
+        async with Server(answer(resp)) as srv:
+            pool = Pool(srv.url, {})
+            r = await pool.send(pool.request_bytes("/chat", b"{}"))
+            with pytest.raises(WireError):
+                await r.read(limit=1000)
+            r.release()  # dropped, not pooled
+            assert (await post(pool))[2] == b"x" * 5000
+            assert srv.connections == 2
+
+    run(main())
+
+
+def test_a_stream_released_before_its_closing_chunk_is_pooled_once_it_ends() -> None:
+    # The relay releases a stream as soon as its last event is parsed; the chunk that ends the
+    # body is often still in flight. The connection is read to its end and then reused.
+    async def main() -> None:
+        finish = asyncio.Event()
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nevent!\r\n")
+            await writer.drain()
+            if n == 1:
+                await finish.wait()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return True
+
+        async with Server(handler) as srv:
+            pool = Pool(srv.url, {})
+            r = await pool.send(pool.request_bytes("/chat", b"{}"))
+            assert await r.readany() == b"event!"
+            r.release()  # the end has not come yet
+            finish.set()
+            async with asyncio.timeout(5):
+                while not pool._idle:  # noqa: ASYNC110 - pooled once the closing chunk is read
+                    await asyncio.sleep(0.001)
+            assert (await post(pool))[2] == b"event!"
+            assert srv.connections == 1
+            await pool.aclose()
+
+    run(main())
+
+
+def test_closing_a_released_response_leaves_the_pooled_connection_alone() -> None:
+    # The relay may close a stream again after releasing it (the client-gone callback firing
+    # late); the connection may by then serve another request.
+    async def main() -> None:
+        ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        async with Server(answer(ok)) as srv:
+            pool = Pool(srv.url, {})
+            first = await pool.send(pool.request_bytes("/chat", b"{}"))
+            assert await first.read() == b"ok"
+            first.release()
+            second = await pool.send(pool.request_bytes("/chat", b"{}"))  # the same connection
+            first.close()
+            assert await second.read() == b"ok"
+            second.release()
+            assert (await post(pool))[2] == b"ok"
+            assert srv.connections == 1
+            with pytest.raises(WireError):
+                await first.read()
+            await pool.aclose()
+
+    run(main())
