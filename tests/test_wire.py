@@ -9,6 +9,7 @@ close`, keep-alive connections the server drops while idle, and answers that are
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -34,8 +35,9 @@ class Server:
     """Each connection is served by `handler(reader, writer, request_number)` until it returns
     False (then the server closes the connection). Counts connections and keeps the requests."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, tls: ssl.SSLContext | None = None) -> None:
         self.handler = handler
+        self.tls = tls
         self.connections = 0
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
 
@@ -53,8 +55,9 @@ class Server:
             finally:
                 writer.close()
 
-        self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
+        self.server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=self.tls)
+        port = self.server.sockets[0].getsockname()[1]
+        self.url = f"https://localhost:{port}/v1" if self.tls else f"http://127.0.0.1:{port}/v1"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -369,5 +372,61 @@ def test_closing_a_released_response_leaves_the_pooled_connection_alone() -> Non
             with pytest.raises(WireError):
                 await first.read()
             await pool.aclose()
+
+    run(main())
+
+
+@pytest.fixture
+def tls_server_context(tmp_path, monkeypatch) -> ssl.SSLContext:  # type: ignore[no-untyped-def]
+    """A server certificate for `localhost` from a throwaway CA, which the process then trusts
+    (SSL_CERT_FILE is where OpenSSL, and so `ssl.create_default_context`, looks for CAs)."""
+    import trustme
+
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    return context
+
+
+def test_https_base_urls_speak_tls_and_verify_the_server(tls_server_context: ssl.SSLContext) -> None:
+    async def main() -> None:
+        ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        async with Server(answer(ok), tls=tls_server_context) as srv:
+            pool = Pool(srv.url, {"Authorization": "Bearer k"})
+            assert await post(pool) == (200, {"content-length": "2"}, b"ok")
+            assert (await post(pool))[2] == b"ok"
+            assert srv.connections == 1  # kept alive over TLS too
+            assert srv.requests[0][1]["host"] == srv.url.split("//")[1].split("/")[0]
+            await pool.aclose()
+
+    run(main())
+
+
+def test_a_certificate_that_does_not_verify_is_connect_failed(
+    tls_server_context: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import trustme
+
+    from pwachat.providers._wire import ConnectFailed
+
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    monkeypatch.setenv("SSL_CERT_FILE", str(other))  # trusts some other CA, not the server's
+
+    async def main() -> None:
+        ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        async with Server(answer(ok), tls=tls_server_context) as srv:
+            pool = Pool(srv.url, {})
+            with pytest.raises(ConnectFailed):
+                await post(pool)
+            # Nor, with the right CA, for a name the certificate does not carry.
+            monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+            pool = Pool(srv.url.replace("localhost", "127.0.0.1"), {})
+            with pytest.raises(ConnectFailed):
+                await post(pool)
+            assert srv.requests == []  # nothing was ever sent in the clear or to the wrong peer
 
     run(main())
