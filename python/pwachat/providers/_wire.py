@@ -11,16 +11,20 @@ the caller drains, with the transport paused while that buffer is full.
 What it does, as HTTP/1.1 asks of a client: keep-alive connections reused LIFO (dropped when the
 server closes them, says `Connection: close`, or they sat idle past `KEEPALIVE_S`), a request that
 meets a reused connection the server had already closed is sent again on a fresh one, 1xx interim
-answers are skipped, TLS (SNI, the system's CAs) for https base URLs. What it leaves out, because
+answers are skipped, TLS (SNI, the system's CAs) for https base URLs, and new connections try the
+host's addresses Happy-Eyeballs style (aiohappyeyeballs, as aiohttp does). What it leaves out, because
 neither API needs it: proxies, redirects, cookies, compression (it asks for none), HTTP/2.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 from urllib.parse import urlsplit
+
+import aiohappyeyeballs
 
 __all__ = ["ConnectFailed", "Pool", "Response", "WireError"]
 
@@ -359,13 +363,20 @@ class Pool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                _, conn = await loop.create_connection(
-                    lambda: _Conn(self),
-                    self.host,
-                    self.port,
-                    ssl=self.ssl,
-                    server_hostname=self.host if self.ssl else None,
-                )
+                # Happy Eyeballs (RFC 8305, as aiohttp does it): the addresses are tried staggered,
+                # so a host whose IPv6 route is a black hole still connects over IPv4 at once.
+                infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+                sock = await aiohappyeyeballs.start_connection(infos, happy_eyeballs_delay=0.25, interleave=1)
+                try:
+                    _, conn = await loop.create_connection(
+                        lambda: _Conn(self),
+                        sock=sock,
+                        ssl=self.ssl,
+                        server_hostname=self.host if self.ssl else None,
+                    )
+                except BaseException:
+                    sock.close()  # a failed or abandoned TLS handshake: the socket is still ours
+                    raise
         except (OSError, TimeoutError) as err:  # refused, unreachable, DNS, TLS (ssl.SSLError)
             raise ConnectFailed(f"could not connect: {type(err).__name__}") from None
         return conn
