@@ -99,10 +99,12 @@ def _bench_hits(benchmark, loop: asyncio.AbstractEventLoop, backend) -> None:  #
     benchmark.extra_info.update(
         single_check_median_us=median, single_check_p90_us=times[len(times) * 9 // 10] / 1000
     )
+    batches = ""
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        batches = f"; batches of {BATCH}: {benchmark.stats.stats.median / BATCH * 1e6:.1f} us a check"
     print(
         f"\n{name}: one admitted check, median of {SINGLES} timed one by one: {median:.1f} us "
-        f"(p10 {times[len(times) // 10] / 1000:.1f}, p90 {times[len(times) * 9 // 10] / 1000:.1f}); "
-        f"batches of {BATCH}: {benchmark.stats.stats.median / BATCH * 1e6:.1f} us a check (median round)"
+        f"(p10 {times[len(times) // 10] / 1000:.1f}, p90 {times[len(times) * 9 // 10] / 1000:.1f}){batches}"
     )
     if "MemoryBackend" in MEDIANS and "RedisBackend" in MEDIANS:
         added = MEDIANS["RedisBackend"] - MEDIANS["MemoryBackend"]
