@@ -183,11 +183,25 @@ def _limits(strategy: str) -> strategies.RateLimiter:
     return strategies.SlidingWindowCounterRateLimiter(store)
 
 
+#: Callers seen before the measurement: the native limiter is then full (its default cap) and
+#: evicts one key per new caller, as a busy server's does; `limits` holds as many.
+PREFILL = 100_000
+
+
+def _checks_per_second(benchmark, check) -> None:  # type: ignore[no-untyped-def]
+    """Checks of new callers run back to back, 100 per timed round: the table's times are per
+    check, with the timer's own cost (about 100 ns a reading here) spread over the 100 instead of
+    added to each. Both sides first see PREFILL callers, so that neither is measured growing."""
+    for _ in range(PREFILL):
+        check()
+    benchmark.pedantic(check, iterations=100, rounds=300, warmup_rounds=3)
+
+
 @pytest.mark.benchmark(group="limiter-vs-limits-3-windows")
 def test_native_three_windows(benchmark) -> None:  # type: ignore[no-untyped-def]
     limiter = RateLimiter(WINDOWS)
     keys = _cycle_keys()
-    benchmark(lambda: limiter.check(next(keys)))
+    _checks_per_second(benchmark, lambda: limiter.check(next(keys)))
 
 
 @pytest.mark.benchmark(group="limiter-vs-limits-3-windows")
@@ -204,14 +218,14 @@ def test_limits_three_windows(benchmark, strategy: str) -> None:  # type: ignore
             return all([limiter.hit(item, key) for item in ITEMS])
         return False
 
-    benchmark(check)
+    _checks_per_second(benchmark, check)
 
 
 @pytest.mark.benchmark(group="limiter-vs-limits-1-window")
 def test_native_one_window(benchmark) -> None:  # type: ignore[no-untyped-def]
     limiter = RateLimiter(WINDOWS[:1])
     keys = _cycle_keys()
-    benchmark(lambda: limiter.check(next(keys)))
+    _checks_per_second(benchmark, lambda: limiter.check(next(keys)))
 
 
 @pytest.mark.benchmark(group="limiter-vs-limits-1-window")
@@ -219,4 +233,4 @@ def test_native_one_window(benchmark) -> None:  # type: ignore[no-untyped-def]
 def test_limits_one_window(benchmark, strategy: str) -> None:  # type: ignore[no-untyped-def]
     limiter = _limits(strategy)
     keys = _cycle_keys()
-    benchmark(lambda: limiter.hit(ITEMS[0], next(keys)))
+    _checks_per_second(benchmark, lambda: limiter.hit(ITEMS[0], next(keys)))

@@ -4,6 +4,7 @@
 use pyo3::prelude::*;
 
 pub mod limiter;
+mod lru;
 pub mod sanitize;
 pub mod sse;
 pub mod upstream;

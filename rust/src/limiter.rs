@@ -44,7 +44,7 @@
 //!
 //! # Memory
 //!
-//! Keys live in an insertion-ordered map kept in least-recently-checked
+//! Keys live in a slab table (`lru.rs`) kept in least-recently-checked
 //! order. A key whose every bucket has expired (`now >= (bucket + 2) * w` in
 //! every window) holds no information and is dropped from the front on each
 //! `check`: amortised O(1). When `max_keys` is reached, the least recently
@@ -56,7 +56,7 @@ use std::fmt;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use hashlink::LinkedHashMap;
+use crate::lru::Keys;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
@@ -100,10 +100,10 @@ struct WindowSpec {
 }
 
 #[derive(Debug, Clone, Copy, Default)]
-struct Counter {
-    bucket: i64,
-    prev: u32,
-    cur: u32,
+pub(crate) struct Counter {
+    pub(crate) bucket: i64,
+    pub(crate) prev: u32,
+    pub(crate) cur: u32,
 }
 
 /// A counter seen at one instant: the bucket that instant falls in, the
@@ -235,16 +235,10 @@ fn ceil_seconds(ms: i128) -> u64 {
     floor_div(ms.max(0) + 999, 1000) as u64
 }
 
-struct Entry {
-    counters: Box<[Counter]>,
-    /// The instant from which every bucket of this key has expired.
-    expires_ms: i64,
-}
-
 pub struct Limiter {
     windows: Vec<WindowSpec>,
     max_keys: usize,
-    keys: LinkedHashMap<String, Entry>,
+    keys: Keys,
 }
 
 impl Limiter {
@@ -279,7 +273,7 @@ impl Limiter {
         Ok(Self {
             windows,
             max_keys,
-            keys: LinkedHashMap::new(),
+            keys: Keys::new(),
         })
     }
 
@@ -288,7 +282,7 @@ impl Limiter {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.keys.len() == 0
     }
 
     fn views(&self, counters: Option<&[Counter]>, now_ms: i64) -> [Option<View>; MAX_WINDOWS] {
@@ -333,8 +327,8 @@ impl Limiter {
 
     /// The decision a `check` would make now, without consuming anything.
     pub fn peek(&self, key: &str, now_ms: i64) -> Outcome {
-        let counters = self.keys.get(key).map(|e| &*e.counters);
-        let views = self.views(counters, now_ms);
+        let slot = self.keys.find(self.keys.hash(key), key);
+        let views = self.views(slot.map(|s| self.keys.counters(s)), now_ms);
         let allowed = self
             .windows
             .iter()
@@ -346,29 +340,36 @@ impl Limiter {
     /// Decides, and when admitted consumes one request in every window.
     pub fn check(&mut self, key: &str, now_ms: i64) -> Outcome {
         self.drop_expired(now_ms);
-        let mut views = self.views(self.keys.get(key).map(|e| &*e.counters), now_ms);
+        let hash = self.keys.hash(key);
+        let slot = self.keys.find(hash, key);
+        let mut views = self.views(slot.map(|s| self.keys.counters(s)), now_ms);
         let allowed = self
             .windows
             .iter()
             .zip(views.iter().flatten())
             .all(|(w, v)| w.has_room(*v));
         if allowed {
-            let mut counters = Vec::with_capacity(self.windows.len());
+            let mut counters = [Counter::default(); MAX_WINDOWS];
             let mut expires_ms = i64::MIN;
-            for (w, v) in self.windows.iter().zip(views.iter_mut().flatten()) {
+            for ((w, v), c) in self
+                .windows
+                .iter()
+                .zip(views.iter_mut().flatten())
+                .zip(counters.iter_mut())
+            {
                 v.cur += 1;
-                counters.push(Counter {
+                *c = Counter {
                     bucket: v.bucket,
                     prev: v.prev,
                     cur: v.cur,
-                });
+                };
                 expires_ms = expires_ms.max((v.bucket + 2).saturating_mul(w.window_ms));
             }
-            self.store(key, counters, expires_ms);
-        } else {
+            self.store(hash, slot, key, &counters[..self.windows.len()], expires_ms);
+        } else if let Some(slot) = slot {
             // Refused callers still count as recent: evicting a caller that
             // keeps hammering would hand it a fresh quota.
-            self.keys.to_back(key);
+            self.keys.touch(slot);
         }
         self.outcome(allowed, &views)
     }
@@ -396,49 +397,53 @@ impl Limiter {
             return None;
         }
         self.drop_expired(now_ms);
-        let mut views = self.views(self.keys.get(key).map(|e| &*e.counters), now_ms);
-        let mut counters = Vec::with_capacity(self.windows.len());
+        let hash = self.keys.hash(key);
+        let slot = self.keys.find(hash, key);
+        let mut views = self.views(slot.map(|s| self.keys.counters(s)), now_ms);
+        let mut counters = [Counter::default(); MAX_WINDOWS];
         let mut expires_ms = i64::MIN;
-        for ((w, v), &(prev, cur)) in self
+        for (((w, v), &(prev, cur)), c) in self
             .windows
             .iter()
             .zip(views.iter_mut().flatten())
             .zip(counts)
+            .zip(counters.iter_mut())
         {
             v.prev = v.prev.max(prev);
             v.cur = v.cur.max(cur);
-            counters.push(Counter {
+            *c = Counter {
                 bucket: v.bucket,
                 prev: v.prev,
                 cur: v.cur,
-            });
+            };
             expires_ms = expires_ms.max((v.bucket + 2).saturating_mul(w.window_ms));
         }
-        self.store(key, counters, expires_ms);
+        self.store(hash, slot, key, &counters[..self.windows.len()], expires_ms);
         Some(self.outcome(allowed, &views))
     }
 
-    fn store(&mut self, key: &str, counters: Vec<Counter>, expires_ms: i64) {
-        if let Some(entry) = self.keys.to_back(key) {
-            entry.counters.copy_from_slice(&counters);
-            entry.expires_ms = entry.expires_ms.max(expires_ms);
+    /// `slot` is where `key` was found (after `drop_expired`), if anywhere.
+    fn store(
+        &mut self,
+        hash: u64,
+        slot: Option<u32>,
+        key: &str,
+        counters: &[Counter],
+        expires_ms: i64,
+    ) {
+        if let Some(slot) = slot {
+            self.keys.update(slot, counters, expires_ms);
             return;
         }
         if self.keys.len() >= self.max_keys {
             self.keys.pop_front();
         }
-        self.keys.insert(
-            key.to_owned(),
-            Entry {
-                counters: counters.into_boxed_slice(),
-                expires_ms,
-            },
-        );
+        self.keys.insert(hash, key, counters, expires_ms);
     }
 
     fn drop_expired(&mut self, now_ms: i64) {
-        while let Some((_, entry)) = self.keys.front() {
-            if now_ms < entry.expires_ms {
+        while let Some((_, expires_ms)) = self.keys.front() {
+            if now_ms < expires_ms {
                 break;
             }
             self.keys.pop_front();
@@ -785,13 +790,13 @@ mod tests {
         assert_eq!(l.len(), 3);
         l.check("d", 120_000);
         assert_eq!(l.len(), 3);
-        assert!(l.keys.get("a").is_none());
+        assert!(l.keys.find(l.keys.hash("a"), "a").is_none());
         // Cap: e evicts the least recently checked (c), not d.
         l.check("b", 120_001);
         l.check("e", 120_002);
         assert_eq!(l.len(), 3);
-        assert!(l.keys.get("c").is_none());
-        assert!(l.keys.get("d").is_some());
+        assert!(l.keys.find(l.keys.hash("c"), "c").is_none());
+        assert!(l.keys.find(l.keys.hash("d"), "d").is_some());
     }
 
     #[test]
