@@ -230,6 +230,7 @@ class RedisBackend:
             del inflight[task]
             self._expired.discard(task)
         self._last_reply = loop.time()
+        self._timeouts = 0  # an answer ends a run of timeouts
         counts = [(raw[i], raw[i + 1]) for i in range(2, len(raw), 2)]
         return raw[0] == 1, raw[1] / 1000, counts
 
@@ -268,7 +269,6 @@ class RedisBackend:
             except (RedisError, OSError, TimeoutError) as err:
                 self._failed(err)
             else:
-                self._timeouts = 0
                 return self.limiter.sync(key, now, counts, allowed)
         decision = self.limiter.check(key)
         if decision.allowed:
@@ -282,7 +282,6 @@ class RedisBackend:
             except (RedisError, OSError, TimeoutError) as err:
                 self._failed(err)
             else:
-                self._timeouts = 0
                 return self.limiter.sync(key, now, counts, allowed)
         return self.limiter.peek(key)
 

@@ -105,7 +105,7 @@ class EdgeMiddleware:
         # here because the routes themselves use this module.
         from pwachat.routes.chat import HOT_ROUTES, serve_hot
 
-        self.hot_paths = frozenset(HOT_ROUTES)
+        self.hot_routes = HOT_ROUTES
         self.serve_hot = serve_hot
 
     def _allowed_origin(self, scope: dict[str, Any]) -> bytes | None:
@@ -182,8 +182,8 @@ class EdgeMiddleware:
             ):
                 await self._refuse_http(scope, rid, send_wrapper)
                 return
-            if scope["method"] == "POST" and scope["path"] in self.hot_paths:
-                await self.serve_hot(scope, receive, send_wrapper)
+            if scope["method"] == "POST" and (answer_for := self.hot_routes.get(scope["path"])):
+                await self.serve_hot(answer_for, scope, receive, send_wrapper)
             else:
                 await self.app(scope, receive, send_wrapper)
         finally:

@@ -201,16 +201,14 @@ class RawStream:
                 raise self._error
             if self.finished:
                 return []
-            broken = False
             try:
                 data = await self._resp.readany()  # what came before a break comes first
             except (WireError, OSError):
-                broken = True
-                data = b""
+                self._error = UpstreamError(f"The connection to {self._label} broke mid-stream")
+                continue
             deltas = self._consume(data) if data else []
-            if not self.finished and self._error is None and (broken or not data):
-                how = "broke" if broken else "ended"
-                self._error = UpstreamError(f"The connection to {self._label} {how} mid-stream")
+            if not data and not self.finished and self._error is None:
+                self._error = UpstreamError(f"The connection to {self._label} ended mid-stream")
             if deltas or self.finished:
                 return deltas
 

@@ -292,43 +292,38 @@ async def answer_stream(scope: Any, receive: Any, svc: Services) -> EventStream:
 
 
 #: What `EdgeMiddleware` serves itself, without Litestar's router: exactly `POST` to these paths.
-HOT_ROUTES: dict[
-    str, Callable[[Any, Any, Services], Awaitable[Callable[[Any, Any, Any], Awaitable[None]]]]
-] = {
+RawApp = Callable[[Any, Any, Any], Awaitable[None]]
+HOT_ROUTES: dict[str, Callable[[Any, Any, Services], Awaitable[RawApp]]] = {
     "/api/chat": answer_chat,
     "/api/chat/stream": answer_stream,
 }
 
 
-async def serve_hot(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """`POST /api/chat` and `/api/chat/stream`, straight from the edge middleware.
+async def serve_hot(
+    answer_for: Callable[[Any, Any, Services], Awaitable[RawApp]], scope: Any, receive: Any, send: Any
+) -> None:
+    """`POST /api/chat` and `/api/chat/stream` (`answer_for` is the route's entry in
+    `HOT_ROUTES`), straight from the edge middleware.
 
     Litestar's router, request object and exception middleware cost about a third of the Python
     time of a whole /api/chat request (py-spy), on the two routes that carry the load. These two
     need none of them: the checks are ours (`prepare`), the answers are bare ASGI apps, and the
     errors are our envelope, built here the way `pwachat.errors` builds it for everything else.
-    The Litestar handlers below run the same functions; they remain the routes' declaration (the
-    OpenAPI document) and serve any other path spelling Litestar accepts (a trailing slash)."""
-    svc: Services = scope["app"].state.services
-    started = False
-
-    async def tracking_send(message: dict[str, Any]) -> None:
-        nonlocal started
-        started = True
-        await send(message)
-
+    Every check and the provider's first answer happen before the answer app sends anything, so
+    only that part can still answer with an error; a failure once the answer is under way goes up
+    as it would from the router. The Litestar handlers below run the same functions; they remain
+    the routes' declaration (the OpenAPI document) and serve any other path spelling Litestar
+    accepts (a trailing slash)."""
     try:
-        answer = await HOT_ROUTES[scope["path"]](scope, receive, svc)
-        await answer(scope, receive, tracking_send)
+        answer = await answer_for(scope, receive, scope["app"].state.services)
     except ApiError as err:
-        if started:
-            raise
         await send_error(send, err.status, err.code, err.message, scope, err.headers, err.details)
+        return
     except Exception as exc:
-        if started:
-            raise
         log_internal(exc, scope)
         await send_error(send, 500, "internal_error", "Internal server error", scope)
+        return
+    await answer(scope, receive, send)
 
 
 # The Litestar handlers: the routes' declaration for the OpenAPI document, and the same functions
