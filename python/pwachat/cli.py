@@ -39,15 +39,15 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     from pwachat.logging import setup_logging
 
     setup_logging(settings)
-    from pwachat import wire
+    from pwachat import sdk_config
 
     try:
-        handoff = wire.wire_for_workers(settings)
+        handoff = sdk_config.config_for_workers(settings)
     except ConfigError as err:
         print(f"pwachat: configuration error: {err}", file=sys.stderr)
         return 2
     if handoff:
-        os.environ[wire.ENV_VAR] = handoff  # inherited by the workers Granian starts
+        os.environ[sdk_config.ENV_VAR] = handoff  # inherited by the workers Granian starts
     host = args.host or settings.host
     port = args.port or settings.port
     workers = args.workers or settings.workers

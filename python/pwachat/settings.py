@@ -75,8 +75,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "INFO"
     log_file: str | None = "logs/app.log"
     # Internal: the providers' SDK-derived base URLs and headers, handed from `pwachat serve` to its
-    # workers (see pwachat/wire.py); not something to set by hand.
-    provider_wire: str | None = None
+    # workers (see pwachat/sdk_config.py); not something to set by hand.
+    provider_sdk_config: str | None = None
 
     @property
     def production(self) -> bool:
@@ -149,7 +149,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             upstream_max_retries=r.int("UPSTREAM_MAX_RETRIES", 2, lo=0, hi=10),
             log_level=r.choice("LOG_LEVEL", LOG_LEVELS, "INFO", upper=True) or "INFO",
             log_file=r.raw("LOG_FILE", "logs/app.log") or None,
-            provider_wire=r.raw("PWACHAT_PROVIDER_WIRE") or None,
+            provider_sdk_config=r.raw("PWACHAT_SDK_CONFIG") or None,
         )
         if s.default_provider is not None:
             name = PROVIDER_ALIASES[s.default_provider]

@@ -96,11 +96,11 @@ def build_providers(settings: Settings) -> Providers:
     serving: dict[str, Provider] = {}
     if settings.openai_api_key or settings.anthropic_api_key:
         # Imported here: an echo-only server never needs the HTTP client or the SDK hand-off.
-        from pwachat import wire
+        from pwachat import sdk_config
         from pwachat.providers.anthropic import AnthropicProvider
         from pwachat.providers.openai import OpenAIProvider
 
-        sdk = wire.load(settings)
+        sdk = sdk_config.load(settings)
         if settings.openai_api_key:
             serving["openai"] = OpenAIProvider(settings, **sdk["openai"])
         if settings.anthropic_api_key:

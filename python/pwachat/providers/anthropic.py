@@ -11,7 +11,6 @@ from collections.abc import Mapping
 
 import msgspec
 
-from pwachat.providers._http import HttpProvider
 from pwachat.providers.base import (
     ChatInput,
     Completion,
@@ -21,6 +20,7 @@ from pwachat.providers.base import (
     UpstreamTimeout,
     normalise_finish_reason,
 )
+from pwachat.providers.http_provider import HttpProvider
 from pwachat.settings import Settings
 
 __all__ = ["AnthropicProvider"]

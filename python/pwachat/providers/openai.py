@@ -2,14 +2,13 @@
 
 The official `openai` SDK client is made once at start-up for what it knows best: the default base
 URL, the auth and identification headers, the retry count. Requests go through the pooled raw path
-(`_http.HttpProvider`); answers are decoded by msgspec (JSON) or the native parser (streams).
+(`http_provider.HttpProvider`); answers are decoded by msgspec (JSON) or the native parser (streams).
 """
 
 from __future__ import annotations
 
 import msgspec
 
-from pwachat.providers._http import HttpProvider
 from pwachat.providers.base import (
     ChatInput,
     Completion,
@@ -18,6 +17,7 @@ from pwachat.providers.base import (
     UpstreamRateLimited,
     normalise_finish_reason,
 )
+from pwachat.providers.http_provider import HttpProvider
 from pwachat.settings import Settings
 
 __all__ = ["OpenAIProvider"]

@@ -1,7 +1,7 @@
 """The lean, pooled HTTP path to a provider, shared by the OpenAI and Anthropic modules.
 
-The SDKs configure the client (base URL, auth and default headers: pwachat/wire.py); the request itself
-goes through one connection pool per provider (`_wire.py`: HTTP/1.1 on asyncio's transports, one
+The SDKs configure the client (base URL, auth and default headers: pwachat/sdk_config.py); the request itself
+goes through one connection pool per provider (`http_client.py`: HTTP/1.1 on asyncio's transports, one
 write per request) and the answer is read raw: JSON bodies are decoded by msgspec into the few
 fields we use, streams are parsed by the native `UpstreamParser`. The SDKs' own transport and
 per-chunk model building cost far more than the relay itself (see benches/).
@@ -24,7 +24,6 @@ from typing import Any
 import msgspec
 
 from pwachat._native import UpstreamFormatError, UpstreamParser
-from pwachat.providers._wire import ConnectFailed, Pool, Response, WireError
 from pwachat.providers.base import (
     ChatInput,
     Completion,
@@ -34,6 +33,7 @@ from pwachat.providers.base import (
     UpstreamTimeout,
     normalise_finish_reason,
 )
+from pwachat.providers.http_client import ConnectFailed, Pool, Response, TransportError
 
 __all__ = ["HttpProvider", "RawStream", "UpstreamHTTP", "error_for_status", "retry_after_s"]
 
@@ -105,7 +105,7 @@ class UpstreamHTTP:
         while True:
             try:
                 resp = await self.pool.send(request)
-            except (ConnectFailed, WireError, OSError):
+            except (ConnectFailed, TransportError, OSError):
                 if attempt < self.max_retries:
                     await asyncio.sleep(_backoff(attempt, None))
                     attempt += 1
@@ -144,7 +144,7 @@ class RawStream:
 
     `next()` waits for the next network read and returns its text deltas; `ready()` returns what
     has already arrived without waiting. Waiting is cancellation-safe: the connection keeps bytes
-    that arrive while nobody reads (`_wire.py`), so the relay can wait with a deadline (heartbeats)
+    that arrive while nobody reads (`http_client.py`), so the relay can wait with a deadline (heartbeats)
     and read on.
     """
 
@@ -203,7 +203,7 @@ class RawStream:
                 return []
             try:
                 data = await self._resp.readany()  # what came before a break comes first
-            except (WireError, OSError):
+            except (TransportError, OSError):
                 self._error = UpstreamError(f"The connection to {self._label} broke mid-stream")
                 continue
             deltas = self._consume(data) if data else []
@@ -237,7 +237,7 @@ class HttpProvider:
     def __init__(
         self, models: tuple[str, ...], settings: Any, base_url: str, headers: dict[str, str]
     ) -> None:
-        # base_url and headers are the SDK client's own (pwachat/wire.py).
+        # base_url and headers are the SDK client's own (pwachat/sdk_config.py).
         self.models = models
         self.http = UpstreamHTTP(
             label=self.label,
@@ -264,7 +264,7 @@ class HttpProvider:
         resp = await self.http.post(self.path, self._body(chat, stream=False))
         try:
             raw = await resp.read()
-        except (WireError, OSError):
+        except (TransportError, OSError):
             raise UpstreamError(f"The connection to {self.label} broke while reading its answer") from None
         finally:
             resp.release()

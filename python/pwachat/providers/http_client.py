@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import aiohappyeyeballs
 
-__all__ = ["ConnectFailed", "Pool", "Response", "WireError"]
+__all__ = ["ConnectFailed", "Pool", "Response", "TransportError"]
 
 KEEPALIVE_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
@@ -38,11 +38,11 @@ _HEX = b"0123456789abcdefABCDEF"
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
-class WireError(ConnectionError):
+class TransportError(ConnectionError):
     """The connection broke, or the server answered something that is not HTTP/1.x."""
 
 
-class ConnectFailed(WireError):
+class ConnectFailed(TransportError):
     """No connection could be made (refused, unreachable, TLS failure, timed out)."""
 
 
@@ -86,7 +86,7 @@ class _Conn(asyncio.Protocol):
         self.buf += data
         try:
             self._parse()
-        except WireError as err:
+        except TransportError as err:
             self.error = err
             self.reusable = False
             self.abort()
@@ -106,7 +106,7 @@ class _Conn(asyncio.Protocol):
         if self.state == "body" and self.framing == "eof" and exc is None:
             self.state = "done"  # a body delimited by the close: the close is its end
         elif self.state in ("head", "body") and self.error is None:
-            self.error = WireError("the connection closed before the answer was complete")
+            self.error = TransportError("the connection closed before the answer was complete")
         self._wake()
 
     def _wake(self) -> None:
@@ -121,7 +121,7 @@ class _Conn(asyncio.Protocol):
             end = self.buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(self.buf) > MAX_HEAD_BYTES:
-                    raise WireError("the response head is too long")
+                    raise TransportError("the response head is too long")
                 return
             head = bytes(self.buf[:end]).decode("latin-1")
             del self.buf[: end + 4]
@@ -133,7 +133,7 @@ class _Conn(asyncio.Protocol):
         lines = head.split("\r\n")
         parts = lines[0].split(" ", 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise WireError("the answer is not HTTP/1.x")
+            raise TransportError("the answer is not HTTP/1.x")
         status = int(parts[1])
         if 100 <= status < 200 and status != 101:
             return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
@@ -141,7 +141,7 @@ class _Conn(asyncio.Protocol):
         for line in lines[1:]:
             name, sep, value = line.partition(":")
             if not sep:
-                raise WireError("a response header line has no colon")
+                raise TransportError("a response header line has no colon")
             key = name.strip().lower()
             value = value.strip()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
@@ -158,7 +158,7 @@ class _Conn(asyncio.Protocol):
         elif "content-length" in headers:
             length = headers["content-length"].split(",")[0].strip()
             if not length.isdigit():
-                raise WireError("the Content-Length is not a number")
+                raise TransportError("the Content-Length is not a number")
             self.framing = "length"
             self.remaining = int(length)
         else:
@@ -200,14 +200,14 @@ class _Conn(asyncio.Protocol):
                     if size_of - pos < 2:
                         return
                     if buf[pos : pos + 2] != b"\r\n":
-                        raise WireError("a chunk does not end with CRLF")
+                        raise TransportError("a chunk does not end with CRLF")
                     pos += 2
                     self.chunk_phase = "size"
                 else:  # size or trailer: one line at a time
                     end = buf.find(b"\r\n", pos)
                     if end < 0:
                         if size_of - pos > MAX_HEAD_BYTES:
-                            raise WireError("a chunk header is too long")
+                            raise TransportError("a chunk header is too long")
                         return
                     line = bytes(buf[pos:end])
                     pos = end + 2
@@ -220,7 +220,7 @@ class _Conn(asyncio.Protocol):
                         continue
                     size = line.split(b";", 1)[0].strip()
                     if not size or len(size) > 15 or size.strip(_HEX):
-                        raise WireError("a chunk size is not hexadecimal")
+                        raise TransportError("a chunk size is not hexadecimal")
                     self.remaining = int(size, 16)
                     self.chunk_phase = "data" if self.remaining else "trailer"
         finally:
@@ -273,11 +273,11 @@ class Response:
 
     def _held(self) -> _Conn:
         if self._conn is None:
-            raise WireError("the response was released")
+            raise TransportError("the response was released")
         return self._conn
 
     async def read(self, limit: int = MAX_BODY_BYTES) -> bytes:
-        """The whole body; a WireError past `limit` bytes (the connection is dropped)."""
+        """The whole body; a TransportError past `limit` bytes (the connection is dropped)."""
         conn = self._held()
         parts = []
         size = 0
@@ -287,7 +287,7 @@ class Response:
                 size += len(parts[-1])
                 if size > limit:
                     self.close()
-                    raise WireError("the answer is larger than the client accepts")
+                    raise TransportError("the answer is larger than the client accepts")
             if conn.state == "done":
                 return b"".join(parts)
             if conn.error is not None:
@@ -406,7 +406,7 @@ class Pool:
                     if conn.error is not None:
                         raise conn.error
                     await conn.wait()
-            except WireError:
+            except TransportError:
                 conn.abort()
                 if reused and conn.received == 0:
                     continue

@@ -6,8 +6,8 @@ without importing the app.)
 The `openai` and `anthropic` SDKs stay the source of truth for client configuration and auth
 conventions (default base URL, how the key is sent, the API version, identification headers), but
 importing them costs a worker about 70 MB of memory that the hot path never uses. So `pwachat serve`
-asks them once, in a short-lived subprocess (`python -m pwachat.wire`), and hands the
-answer to the workers in `PWACHAT_PROVIDER_WIRE`; a worker without it (tests building the app in
+asks them once, in a short-lived subprocess (`python -m pwachat.sdk_config`), and hands the
+answer to the workers in `PWACHAT_SDK_CONFIG`; a worker without it (tests building the app in
 process) asks the SDKs itself.
 """
 
@@ -21,11 +21,11 @@ from typing import Any
 
 from pwachat.settings import ConfigError, Settings
 
-__all__ = ["ENV_VAR", "Wire", "load", "sdk_wire", "wire_for_workers"]
+__all__ = ["ENV_VAR", "SdkConfig", "config_for_workers", "load", "read_sdk_config"]
 
-ENV_VAR = "PWACHAT_PROVIDER_WIRE"
+ENV_VAR = "PWACHAT_SDK_CONFIG"
 
-Wire = dict[str, dict[str, Any]]  # provider -> {"base_url": str, "headers": {name: value}}
+SdkConfig = dict[str, dict[str, Any]]  # provider -> {"base_url": str, "headers": {name: value}}
 
 
 def _headers(client: Any) -> dict[str, str]:
@@ -35,30 +35,30 @@ def _headers(client: Any) -> dict[str, str]:
     return headers
 
 
-def sdk_wire(settings: Settings) -> Wire:
+def read_sdk_config(settings: Settings) -> SdkConfig:
     """Ask the SDK clients of the configured providers for their base URL and headers."""
-    wire: Wire = {}
+    config: SdkConfig = {}
     if settings.openai_api_key:
         import openai
 
         with openai.OpenAI(api_key=settings.openai_api_key, base_url=settings.openai_base_url) as client:
-            wire["openai"] = {"base_url": str(client.base_url), "headers": _headers(client)}
+            config["openai"] = {"base_url": str(client.base_url), "headers": _headers(client)}
     if settings.anthropic_api_key:
         import anthropic
 
         with anthropic.Anthropic(
             api_key=settings.anthropic_api_key, base_url=settings.anthropic_base_url
         ) as c:
-            wire["claude"] = {"base_url": str(c.base_url), "headers": _headers(c)}
-    return wire
+            config["claude"] = {"base_url": str(c.base_url), "headers": _headers(c)}
+    return config
 
 
-def wire_for_workers(settings: Settings) -> str | None:
-    """The JSON for `PWACHAT_PROVIDER_WIRE`, computed in a subprocess; None with no real provider."""
+def config_for_workers(settings: Settings) -> str | None:
+    """The JSON for `PWACHAT_SDK_CONFIG`, computed in a subprocess; None with no real provider."""
     if not (settings.openai_api_key or settings.anthropic_api_key):
         return None
     done = subprocess.run(
-        [sys.executable, "-m", "pwachat.wire"],
+        [sys.executable, "-m", "pwachat.sdk_config"],
         capture_output=True,
         text=True,
         env={k: v for k, v in os.environ.items() if k != ENV_VAR},
@@ -72,12 +72,12 @@ def wire_for_workers(settings: Settings) -> str | None:
     return done.stdout.strip()
 
 
-def load(settings: Settings) -> Wire:
-    """The wire configuration handed down by `pwachat serve`, or asked of the SDKs here."""
-    if settings.provider_wire:
-        return json.loads(settings.provider_wire)
-    return sdk_wire(settings)
+def load(settings: Settings) -> SdkConfig:
+    """The SDK configuration handed down by `pwachat serve`, or asked of the SDKs here."""
+    if settings.provider_sdk_config:
+        return json.loads(settings.provider_sdk_config)
+    return read_sdk_config(settings)
 
 
 if __name__ == "__main__":
-    print(json.dumps(sdk_wire(Settings.from_env())))
+    print(json.dumps(read_sdk_config(Settings.from_env())))

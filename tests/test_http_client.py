@@ -1,4 +1,4 @@
-"""The providers' HTTP/1.1 client (pwachat/providers/_wire.py) against a scripted raw TCP server.
+"""The providers' HTTP/1.1 client (pwachat/providers/http_client.py) against a scripted raw TCP server.
 
 The fake upstream (tests/fake_upstream.py) speaks HTTP the way aiohttp does; these answers are the
 other spellings a provider, a proxy or an OpenAI-compatible server may use: chunk extensions and
@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from pwachat.providers._wire import Pool, WireError
+from pwachat.providers.http_client import Pool, TransportError
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[bool]]
 
@@ -216,12 +216,12 @@ def test_a_break_mid_body_returns_what_came_then_raises() -> None:
             pool = Pool(srv.url, {})
             r = await pool.send(pool.request_bytes("/chat", b"{}"))
             got = b""
-            with pytest.raises(WireError):
+            with pytest.raises(TransportError):
                 while chunk := await r.readany():
                     got += chunk
             assert got == b"partial"
             r.close()
-            with pytest.raises(WireError):
+            with pytest.raises(TransportError):
                 await post(pool)  # same again through read()
             await pool.aclose()
 
@@ -245,7 +245,7 @@ def test_answers_that_are_not_http_are_errors_not_hangs(garbage: bytes) -> None:
     async def main() -> None:
         async with Server(answer(garbage)) as srv:
             pool = Pool(srv.url, {})
-            with pytest.raises(WireError):
+            with pytest.raises(TransportError):
                 async with asyncio.timeout(5):
                     await post(pool)
             await pool.aclose()
@@ -274,7 +274,7 @@ def test_a_large_body_flows_through_the_paused_transport() -> None:
 
 
 def test_a_refused_connection_is_connect_failed() -> None:
-    from pwachat.providers._wire import ConnectFailed
+    from pwachat.providers.http_client import ConnectFailed
     from server import free_port
 
     async def main() -> None:
@@ -313,7 +313,7 @@ def test_a_whole_answer_larger_than_the_limit_is_refused() -> None:
         async with Server(answer(resp)) as srv:
             pool = Pool(srv.url, {})
             r = await pool.send(pool.request_bytes("/chat", b"{}"))
-            with pytest.raises(WireError):
+            with pytest.raises(TransportError):
                 await r.read(limit=1000)
             r.release()  # dropped, not pooled
             assert (await post(pool))[2] == b"x" * 5000
@@ -369,7 +369,7 @@ def test_closing_a_released_response_leaves_the_pooled_connection_alone() -> Non
             second.release()
             assert (await post(pool))[2] == b"ok"
             assert srv.connections == 1
-            with pytest.raises(WireError):
+            with pytest.raises(TransportError):
                 await first.read()
             await pool.aclose()
 
@@ -410,7 +410,7 @@ def test_a_certificate_that_does_not_verify_is_connect_failed(
 ) -> None:  # type: ignore[no-untyped-def]
     import trustme
 
-    from pwachat.providers._wire import ConnectFailed
+    from pwachat.providers.http_client import ConnectFailed
 
     other = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other))

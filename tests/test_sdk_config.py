@@ -1,4 +1,4 @@
-"""The providers' base URLs and headers come from the official SDK clients (pwachat/wire.py)."""
+"""The providers' base URLs and headers come from the official SDK clients (pwachat/sdk_config.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 import anthropic
 import openai
 
-from pwachat import wire
+from pwachat import sdk_config
 from pwachat.settings import Settings
 
-KEYS = {"OPENAI_API_KEY": "sk-wire-openai", "ANTHROPIC_API_KEY": "sk-wire-anthropic", "LOG_FILE": ""}
+KEYS = {"OPENAI_API_KEY": "sk-sdk-openai", "ANTHROPIC_API_KEY": "sk-sdk-anthropic", "LOG_FILE": ""}
 
 
 def sdk_view(client) -> dict[str, str]:
@@ -18,8 +18,8 @@ def sdk_view(client) -> dict[str, str]:
     return {**headers, **client.auth_headers}
 
 
-def test_wire_is_what_the_sdk_clients_send() -> None:
-    got = wire.sdk_wire(Settings.from_mapping(KEYS))
+def test_config_is_what_the_sdk_clients_send() -> None:
+    got = sdk_config.read_sdk_config(Settings.from_mapping(KEYS))
     with (
         openai.OpenAI(api_key=KEYS["OPENAI_API_KEY"]) as oa,
         anthropic.Anthropic(api_key=KEYS["ANTHROPIC_API_KEY"]) as an,
@@ -35,7 +35,7 @@ def test_base_urls_from_the_environment_are_used() -> None:
     settings = Settings.from_mapping(
         {**KEYS, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "ANTHROPIC_BASE_URL": "http://127.0.0.1:9"}
     )
-    got = wire.sdk_wire(settings)
+    got = sdk_config.read_sdk_config(settings)
     assert got["openai"]["base_url"].rstrip("/") == "http://127.0.0.1:9/v1"
     assert got["claude"]["base_url"].rstrip("/") == "http://127.0.0.1:9"
 
@@ -44,15 +44,15 @@ def test_serve_hands_the_workers_what_a_subprocess_read_from_the_sdks(monkeypatc
     # The subprocess reads the environment, as `pwachat serve` does; the workers get its JSON.
     for name, value in KEYS.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.delenv(wire.ENV_VAR, raising=False)
+    monkeypatch.delenv(sdk_config.ENV_VAR, raising=False)
     settings = Settings.from_env(env_file=None)
-    handoff = wire.wire_for_workers(settings)
+    handoff = sdk_config.config_for_workers(settings)
     assert handoff is not None
-    assert json.loads(handoff) == wire.sdk_wire(settings)
+    assert json.loads(handoff) == sdk_config.read_sdk_config(settings)
     # A worker given the hand-off uses it as it is.
-    worker = Settings.from_mapping({**KEYS, wire.ENV_VAR: handoff})
-    assert wire.load(worker) == json.loads(handoff)
+    worker = Settings.from_mapping({**KEYS, sdk_config.ENV_VAR: handoff})
+    assert sdk_config.load(worker) == json.loads(handoff)
 
 
 def test_no_subprocess_without_a_real_provider() -> None:
-    assert wire.wire_for_workers(Settings.from_mapping({"LOG_FILE": ""})) is None
+    assert sdk_config.config_for_workers(Settings.from_mapping({"LOG_FILE": ""})) is None
