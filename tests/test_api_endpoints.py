@@ -535,7 +535,7 @@ def test_log_lines_are_json_with_request_fields_and_no_chat_text(make_client, tm
 
 @pytest.mark.parametrize("path", ["/api/chat", "/api/chat/stream"])
 def test_router_path_answers_like_the_direct_path(make_client, path: str) -> None:
-    # `/api/chat` itself is served without the router (routes/chat.py: serve_hot); a trailing
+    # `/api/chat` itself is served without the router (app.py: ChatFastPath); a trailing
     # slash goes through Litestar to the same functions. Success, each error kind, and a refusal
     # must look the same both ways (save the request id).
     client = make_client(RATELIMIT_PER_MINUTE="2")

@@ -7,6 +7,7 @@ from typing import Self, final
 
 __all__ = [
     "Decision",
+    "PanicException",
     "RateLimiter",
     "SanitizeError",
     "SseEncoder",
@@ -22,6 +23,9 @@ __all__ = [
 ]
 
 __version__: str
+
+class PanicException(BaseException):
+    """A bug in the extension (a Rust panic), raised as PyO3 raises it; not an ``Exception``."""
 
 class SseFieldError(ValueError):
     """An SSE id or event name contains CR, LF or NUL."""

@@ -1,36 +1,57 @@
-"""The error envelope, and the one table that turns every exception into it.
+"""The error catalogue: every contract error code with its status and default message, the one
+writer of the envelope, and the one mapping of any exception to what the client is told.
 
 Whatever fails (routing, validation, the rate limit, a provider, a bug), the client gets
 `{"error": {"code", "message", "request_id"[, "details"]}}` with a matching status. Messages are
 written here or by our own code; an exception's own text, class name or trace never reaches a body.
+Raise one of the classes below anywhere; `as_api_error` turns anything else into `internal_error`
+(logged once, with its trace), and both the Litestar exception handlers and the raw chat routes
+answer through `send_error` / `error_response`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import (
-    HTTPException,
-    MethodNotAllowedException,
-    NotFoundException,
-)
-from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE
+from litestar.exceptions import HTTPException, MethodNotAllowedException
 
-from pwachat._native import SanitizeError, SseFieldError, UpstreamFormatError
+from pwachat._native import PanicException, SanitizeError, SseFieldError, UpstreamFormatError
 
 __all__ = [
     "ApiError",
+    "BudgetExceeded",
     "ErrorDetail",
+    "HttpsRequired",
+    "InternalError",
+    "InvalidJson",
     "InvalidRequest",
+    "MethodNotAllowed",
+    "NotFound",
+    "PanicException",
+    "PayloadTooLarge",
+    "ProviderError",
+    "ProviderNotConfigured",
+    "RateLimited",
+    "RequestTimeout",
     "SanitizeError",
+    "ShuttingDown",
     "SseFieldError",
+    "StreamNotFound",
+    "Unauthorized",
+    "UnknownModel",
+    "UnknownProvider",
+    "UnsupportedMediaType",
+    "UpstreamError",
     "UpstreamFormatError",
-    "error_bytes",
+    "UpstreamRateLimited",
+    "UpstreamTimeout",
+    "as_api_error",
+    "error_body",
+    "error_response",
     "exception_handlers",
-    "log_internal",
     "send_error",
 ]
 
@@ -52,134 +73,206 @@ class ErrorInfo(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class ErrorBody(msgspec.Struct, frozen=True):
+    """The envelope (also the OpenAPI document's schema of every error response)."""
+
     error: ErrorInfo
+
+
+# -- the catalogue ----------------------------------------------------------------------------------
 
 
 class ApiError(Exception):
     """An error with a contract code; raise it anywhere and the client gets the envelope."""
 
-    status = 500
-    code = "internal_error"
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    default_message: ClassVar[str] = "Internal server error"
 
     def __init__(
         self,
-        message: str,
+        message: str | None = None,
         *,
-        status: int | None = None,
-        code: str | None = None,
         headers: dict[str, str] | None = None,
         details: list[ErrorDetail] | None = None,
     ) -> None:
-        super().__init__(message)
-        self.message = message
-        if status is not None:
-            self.status = status
-        if code is not None:
-            self.code = code
+        self.message = message or self.default_message
+        super().__init__(self.message)
         self.headers = headers or {}
         self.details = details
 
 
+class InternalError(ApiError):
+    pass
+
+
+class InvalidJson(ApiError):
+    status, code, default_message = 400, "invalid_json", "Request body is not valid JSON"
+
+
 class InvalidRequest(ApiError):
-    status = 400
-    code = "invalid_request"
+    status, code, default_message = 400, "invalid_request", "The request is not valid"
 
 
-def error_bytes(
+class UnknownProvider(ApiError):
+    status, code = 400, "unknown_provider"
+    default_message = "Unknown provider; see /api/models for the ones offered"
+
+
+class UnknownModel(ApiError):
+    status, code = 400, "unknown_model"
+    default_message = "Unknown model; see /api/models for the ones offered"
+
+
+class Unauthorized(ApiError):
+    status, code, default_message = 401, "unauthorized", "A valid bearer token is required"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class HttpsRequired(ApiError):
+    status, code, default_message = 403, "https_required", "HTTPS is required"
+
+
+class NotFound(ApiError):
+    status, code, default_message = 404, "not_found", "No such route"
+
+
+class StreamNotFound(ApiError):
+    status, code, default_message = 404, "stream_not_found", "No such stream (or it has expired)"
+
+
+class MethodNotAllowed(ApiError):
+    status, code, default_message = 405, "method_not_allowed", "Method not allowed for this route"
+
+
+class RequestTimeout(ApiError):
+    status, code, default_message = 408, "request_timeout", "The request body did not arrive in time"
+
+
+class PayloadTooLarge(ApiError):
+    status, code, default_message = 413, "payload_too_large", "Request body is too large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, code = 415, "unsupported_media_type"
+    default_message = "Content-Type must be application/json"
+
+
+class RateLimited(ApiError):
+    status, code, default_message = 429, "rate_limited", "Rate limit exceeded"
+
+
+class BudgetExceeded(ApiError):
+    status, code, default_message = 429, "budget_exceeded", "Token budget exceeded"
+
+
+class ShuttingDown(ApiError):
+    status, code, default_message = 503, "shutting_down", "The server is restarting; try again shortly"
+
+
+class ProviderError(ApiError):
+    """Anything a provider failed at; the providers map their own failures to these subclasses."""
+
+    status, code, default_message = 502, "upstream_error", "The provider failed"
+
+
+class UpstreamError(ProviderError):
+    pass
+
+
+class UpstreamRateLimited(ProviderError):
+    status, code = 503, "upstream_rate_limited"
+    default_message = "The provider is rate limiting requests; try again later"
+
+    def __init__(self, message: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)} if retry_after else None)
+        self.retry_after = retry_after
+
+
+class UpstreamTimeout(ProviderError):
+    status, code, default_message = 504, "upstream_timeout", "The provider did not answer in time"
+
+
+class ProviderNotConfigured(ProviderError):
+    status, code, default_message = 503, "provider_not_configured", "No provider is configured"
+
+
+# -- answering --------------------------------------------------------------------------------------
+
+
+def error_body(
     code: str, message: str, request_id: str | None, details: list[ErrorDetail] | None = None
 ) -> bytes:
+    """The envelope's bytes: the one place it is written (JSON answers and SSE `error` events)."""
     return _encode(ErrorBody(ErrorInfo(code, message, request_id, details)))
 
 
-def request_id_of(request: Request[Any, Any, Any]) -> str | None:
-    return request.scope.get("state", {}).get("request_id")
-
-
-def _response(
-    request: Request[Any, Any, Any],
-    status: int,
-    code: str,
-    message: str,
-    headers: dict[str, str] | None = None,
-    details: list[ErrorDetail] | None = None,
-) -> Response[bytes]:
-    return Response(
-        content=error_bytes(code, message, request_id_of(request), details),
-        status_code=status,
-        media_type="application/json",
-        headers=headers,
-    )
-
-
-def _api_error(request: Request[Any, Any, Any], exc: ApiError) -> Response[bytes]:
-    return _response(request, exc.status, exc.code, exc.message, exc.headers, exc.details)
+def request_id_of(scope: Any) -> str | None:
+    return scope.get("state", {}).get("request_id")
 
 
 # Litestar's own HTTP exceptions (routing, method, body size) carry messages we did not write and
-# may name internals, so each known status gets our text.
-_HTTP_CODES = {
-    400: ("invalid_request", "The request is not valid"),
-    401: ("unauthorized", "A valid bearer token is required"),
-    403: ("forbidden", "Forbidden"),
-    404: ("not_found", "No such route"),
-    405: ("method_not_allowed", "Method not allowed for this route"),
-    413: ("payload_too_large", "Request body is too large"),
-    415: ("unsupported_media_type", "Content-Type must be application/json"),
-    429: ("rate_limited", "Rate limit exceeded"),
+# may name internals, so each known status gets our class (and its text).
+_BY_STATUS: dict[int, type[ApiError]] = {
+    cls.status: cls
+    for cls in (
+        InvalidRequest,
+        Unauthorized,
+        NotFound,
+        MethodNotAllowed,
+        PayloadTooLarge,
+        UnsupportedMediaType,
+    )
 }
+_BY_STATUS[429] = RateLimited
 
 
-def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
-    status = exc.status_code
-    if status >= 500:
-        return _internal(request, exc)
-    code, message = _HTTP_CODES.get(status, ("invalid_request", "The request is not valid"))
-    headers = {}
-    if isinstance(exc, MethodNotAllowedException) and exc.headers:
-        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-    return _response(request, status, code, message, headers)
-
-
-def log_internal(exc: BaseException, scope: Any) -> None:
-    # The trace goes to the log (with the request id); the client only learns that it failed.
+def as_api_error(exc: BaseException, scope: Any) -> ApiError:
+    """What to tell the client about `exc`; anything not ours is logged once with its trace."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, HTTPException) and exc.status_code < 500:
+        err = _BY_STATUS.get(exc.status_code, InvalidRequest)()
+        if isinstance(exc, MethodNotAllowedException) and exc.headers:
+            err.headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        return err
+    # The trace goes to the log (with the request id); the client only learns that it failed. A
+    # PanicException (a bug in the extension) is a BaseException: callers catch it explicitly.
     log.error(
         "unhandled exception",
         exc_info=exc,
-        extra={"request_id": scope.get("state", {}).get("request_id"), "path": scope["path"]},
+        extra={"request_id": request_id_of(scope), "path": scope.get("path")},
     )
+    return InternalError()
 
 
-def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    log_internal(exc, request.scope)
-    return _response(request, 500, "internal_error", "Internal server error")
-
-
-async def send_error(
-    send: Any,
-    status: int,
-    code: str,
-    message: str,
-    scope: Any,
-    headers: dict[str, str] | None = None,
-    details: list[ErrorDetail] | None = None,
-) -> None:
-    """The envelope as plain ASGI messages, for the routes served without Litestar (`serve_hot`):
-    the same body and headers as `_response` gives the others."""
-    body = error_bytes(code, message, scope.get("state", {}).get("request_id"), details)
-    raw = [
+def error_response(err: ApiError, scope: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, raw headers and body of the answer for `err`."""
+    body = error_body(err.code, err.message, request_id_of(scope), err.details)
+    headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
-        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()),
+        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in err.headers.items()),
     ]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
+    return err.status, headers, body
+
+
+async def send_error(send: Any, err: ApiError, scope: Any) -> None:
+    """The envelope as plain ASGI messages (the edge, the raw chat routes)."""
+    status, headers, body = error_response(err, scope)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-exception_handlers: dict[int | type[Exception], Any] = {
-    ApiError: _api_error,
-    NotFoundException: _http_exception,
-    MethodNotAllowedException: _http_exception,
-    HTTP_413_REQUEST_ENTITY_TOO_LARGE: _http_exception,
-    HTTPException: _http_exception,
-    Exception: _internal,
-}
+def _litestar_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    status, headers, body = error_response(as_api_error(exc, request.scope), request.scope)
+    return Response(
+        content=body,
+        status_code=status,
+        media_type="application/json",
+        headers={k.decode("latin-1"): v.decode("latin-1") for k, v in headers[2:]},
+    )
+
+
+exception_handlers: dict[int | type[Exception], Any] = {Exception: _litestar_handler}

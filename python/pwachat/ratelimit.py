@@ -11,14 +11,13 @@ import hashlib
 from typing import Protocol
 
 from pwachat._native import Decision, RateLimiter
-from pwachat.errors import ApiError
+from pwachat.errors import RateLimited
 from pwachat.settings import Settings
 
 __all__ = [
     "WINDOW_NAMES",
     "MemoryBackend",
     "RateLimitBackend",
-    "RateLimited",
     "caller_key",
     "create_backend",
     "rate_limit_headers",
@@ -26,11 +25,6 @@ __all__ = [
 
 WINDOW_NAMES = {60: "minute", 3600: "hour", 86400: "day"}
 WINDOW_NAMES_B = {w: n.encode() for w, n in WINDOW_NAMES.items()}
-
-
-class RateLimited(ApiError):
-    status = 429
-    code = "rate_limited"
 
 
 class RateLimitBackend(Protocol):

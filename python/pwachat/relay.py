@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from pwachat._native import SseEncoder, sse_comment
-from pwachat.errors import ApiError, error_bytes
+from pwachat.errors import ApiError, error_body
 from pwachat.providers import (
     ChatInput,
     Provider,
@@ -245,6 +245,6 @@ class EventStream:
             log.error("provider stream failed", exc_info=err, extra={"request_id": self.request_id})
             err = UpstreamError("The provider failed")
         self.fields["error"] = err.code
-        pending.append(enc.event("error", error_bytes(err.code, err.message, self.request_id)))
+        pending.append(enc.event("error", error_body(err.code, err.message, self.request_id)))
         await flush(False)
         return stream

@@ -71,6 +71,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     upstream_timeout_s: float = 60.0
     sse_heartbeat_s: float = 15.0
     upstream_max_retries: int = 2
+    request_body_timeout_s: float = 10.0
 
     log_level: str = "INFO"
     log_file: str | None = "logs/app.log"
@@ -147,6 +148,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             upstream_timeout_s=r.float("UPSTREAM_TIMEOUT_S", 60.0, lo=0.001),
             sse_heartbeat_s=r.float("SSE_HEARTBEAT_S", 15.0, lo=0.001),
             upstream_max_retries=r.int("UPSTREAM_MAX_RETRIES", 2, lo=0, hi=10),
+            request_body_timeout_s=r.float("REQUEST_BODY_TIMEOUT_S", 10.0, lo=0.001),
             log_level=r.choice("LOG_LEVEL", LOG_LEVELS, "INFO", upper=True) or "INFO",
             log_file=r.raw("LOG_FILE", "logs/app.log") or None,
             provider_sdk_config=r.raw("PWACHAT_SDK_CONFIG") or None,

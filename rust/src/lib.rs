@@ -12,6 +12,12 @@ pub mod upstream;
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // A panic surfaces as pyo3's PanicException, a BaseException that `except Exception` misses;
+    // named here so that the Python side can catch it and answer `internal_error`.
+    m.add(
+        "PanicException",
+        m.py().get_type::<pyo3::panic::PanicException>(),
+    )?;
     sse::init(m)?;
     upstream::init(m)?;
     sanitize::init(m)?;

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pwachat.errors import ApiError
+from pwachat.errors import UnknownModel, UnknownProvider
 from pwachat.providers.base import (
     ChatInput,
     Completion,
@@ -32,16 +32,6 @@ __all__ = [
 LABELS = {"openai": "OpenAI", "claude": "Anthropic", "echo": "Echo (offline)"}
 
 
-class UnknownProvider(ApiError):
-    status = 400
-    code = "unknown_provider"
-
-
-class UnknownModel(ApiError):
-    status = 400
-    code = "unknown_model"
-
-
 class Providers:
     """Every known provider by canonical name; `serving` are those that can answer now."""
 
@@ -69,11 +59,11 @@ class Providers:
         if provider is not None:
             name = PROVIDER_ALIASES.get(provider.lower())
             if name is None or not self.known(name):
-                raise UnknownProvider("Unknown provider; see /api/models for the ones offered")
+                raise UnknownProvider()
         elif model is not None:
             name = self.by_model.get(model)
             if name is None or not self.known(name):
-                raise UnknownModel("Unknown model; see /api/models for the ones offered")
+                raise UnknownModel()
         else:
             name = self.default
         if name is not None and model is not None and model not in self.models[name]:
@@ -83,7 +73,7 @@ class Providers:
     @staticmethod
     def not_configured(name: str | None) -> ProviderNotConfigured:
         if name is None:
-            return ProviderNotConfigured("No provider is configured")
+            return ProviderNotConfigured()
         return ProviderNotConfigured(f"{LABELS[name]} API key not configured")
 
     async def aclose(self) -> None:

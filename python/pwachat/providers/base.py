@@ -6,7 +6,8 @@ head, so that the route can still answer an early failure as plain JSON; the rel
 batches of text deltas from it (all the deltas of one network read, so that it frames them in one
 native call) and reads `finish_reason` and the token counts at the end. Providers map their own
 failures to the `ProviderError` subclasses below inside their own module; the routes never see an
-SDK or transport exception.
+SDK or transport exception. (The error classes live in `pwachat.errors`, the one catalogue;
+they are re-exported here for the providers.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from typing import Protocol
 
 import msgspec
 
-from pwachat.errors import ApiError
+from pwachat.errors import (
+    ProviderError,
+    ProviderNotConfigured,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+)
 
 __all__ = [
     "ChatInput",
@@ -47,35 +54,6 @@ class Completion(msgspec.Struct, frozen=True):
     finish_reason: str
     input_tokens: int
     output_tokens: int
-
-
-class ProviderError(ApiError):
-    status = 502
-    code = "upstream_error"
-
-
-class UpstreamError(ProviderError):
-    status = 502
-    code = "upstream_error"
-
-
-class UpstreamRateLimited(ProviderError):
-    status = 503
-    code = "upstream_rate_limited"
-
-    def __init__(self, message: str, retry_after: int | None = None) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after)} if retry_after else None)
-        self.retry_after = retry_after
-
-
-class UpstreamTimeout(ProviderError):
-    status = 504
-    code = "upstream_timeout"
-
-
-class ProviderNotConfigured(ProviderError):
-    status = 503
-    code = "provider_not_configured"
 
 
 _FINISH = {

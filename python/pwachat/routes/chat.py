@@ -23,16 +23,24 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ASGIApp
 
 from pwachat._native import SanitizeError, sanitize_chat
-from pwachat.errors import ApiError, ErrorDetail, InvalidRequest, log_internal, send_error
+from pwachat.auth import authorize
+from pwachat.errors import (
+    ApiError,
+    ErrorDetail,
+    InvalidJson,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
+from pwachat.forwarded import client_ip
 from pwachat.providers import ChatInput, Provider, ProviderError, UpstreamTimeout
 from pwachat.ratelimit import caller_key, rate_limit_headers, refusal
 from pwachat.relay import EventStream, open_upstream
-from pwachat.routes.auth import authorize
 from pwachat.schemas import ChatRequest, ChatResponse, Usage
-from pwachat.security import client_ip
 from pwachat.services import Services
 
-__all__ = ["HOT_ROUTES", "chat", "chat_stream", "serve_hot"]
+__all__ = ["HOT_ROUTES", "chat", "chat_stream"]
 
 _decode_request = msgspec.json.Decoder(ChatRequest).decode
 _encode = msgspec.json.Encoder().encode
@@ -42,16 +50,6 @@ STREAM_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-
-
-class UnsupportedMediaType(ApiError):
-    status = 415
-    code = "unsupported_media_type"
-
-
-class PayloadTooLarge(ApiError):
-    status = 413
-    code = "payload_too_large"
 
 
 @dataclass(slots=True)
@@ -97,7 +95,7 @@ def _not_json(name: str) -> None:
 
 def _parse(body: bytes) -> ChatRequest:
     if not body.strip():
-        raise ApiError("Request body is empty; send a JSON object", status=400, code="invalid_json")
+        raise InvalidJson("Request body is empty; send a JSON object")
     try:
         return _decode_request(body)
     except msgspec.ValidationError as err:
@@ -111,7 +109,7 @@ def _parse(body: bytes) -> ChatRequest:
     try:
         obj = json.loads(body, parse_constant=_not_json)
     except (ValueError, RecursionError):
-        raise ApiError("Request body is not valid JSON", status=400, code="invalid_json") from None
+        raise InvalidJson() from None
     try:
         return msgspec.convert(obj, ChatRequest)
     except msgspec.ValidationError as err:
@@ -130,28 +128,33 @@ def _request_headers(scope: dict[str, Any]) -> tuple[str | None, str | None]:
     return ctype, length
 
 
-async def read_body(receive: Any, limit: int) -> bytes:
+async def read_body(receive: Any, limit: int, timeout_s: float) -> bytes:
     """The whole request body from ASGI `receive`, refused past `limit` bytes (chunked bodies have no
-    Content-Length to check up front)."""
-    message = await receive()
-    body = message.get("body", b"")
-    if not message.get("more_body", False) and message["type"] == "http.request":
-        if len(body) > limit:
-            raise PayloadTooLarge(f"Request body is larger than {limit} bytes")
-        return body  # the usual case: one message
-    chunks = [body]
-    size = len(body)
-    while True:
-        if message["type"] == "http.disconnect":
-            raise ApiError("The request body ended early", status=400, code="invalid_request")
-        if size > limit:
-            raise PayloadTooLarge(f"Request body is larger than {limit} bytes")
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-        message = await receive()
-        body = message.get("body", b"")
-        chunks.append(body)
-        size += len(body)
+    Content-Length to check up front) or when it has not all arrived within `timeout_s` (a body
+    that trickles in would otherwise hold its connection, unlimited and costing no quota)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            message = await receive()
+            body = message.get("body", b"")
+            if not message.get("more_body", False) and message["type"] == "http.request":
+                if len(body) > limit:
+                    raise PayloadTooLarge(f"Request body is larger than {limit} bytes")
+                return body  # the usual case: one message
+            chunks = [body]
+            size = len(body)
+            while True:
+                if message["type"] == "http.disconnect":
+                    raise InvalidRequest("The request body ended early")
+                if size > limit:
+                    raise PayloadTooLarge(f"Request body is larger than {limit} bytes")
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+                message = await receive()
+                body = message.get("body", b"")
+                chunks.append(body)
+                size += len(body)
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {timeout_s:g} s") from None
 
 
 async def prepare(scope: Any, receive: Any, svc: Services) -> Prepared:
@@ -164,7 +167,7 @@ async def prepare(scope: Any, receive: Any, svc: Services) -> Prepared:
     if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
         raise PayloadTooLarge(f"Request body is larger than {settings.max_body_bytes} bytes")
     token = authorize(scope, svc)
-    req = _parse(await read_body(receive, settings.max_body_bytes))
+    req = _parse(await read_body(receive, settings.max_body_bytes, settings.request_body_timeout_s))
 
     history = req.history or []
     if len(history) > settings.max_history_messages:
@@ -291,7 +294,8 @@ async def answer_stream(scope: Any, receive: Any, svc: Services) -> EventStream:
     )
 
 
-#: What `EdgeMiddleware` serves itself, without Litestar's router: exactly `POST` to these paths.
+#: The chat routes as raw answers: `app.py` dispatches `POST` to exactly these paths straight to
+#: them, without Litestar's router (see `ChatFastPath` there).
 RawApp = Callable[[Any, Any, Any], Awaitable[None]]
 HOT_ROUTES: dict[str, Callable[[Any, Any, Services], Awaitable[RawApp]]] = {
     "/api/chat": answer_chat,
@@ -299,35 +303,8 @@ HOT_ROUTES: dict[str, Callable[[Any, Any, Services], Awaitable[RawApp]]] = {
 }
 
 
-async def serve_hot(
-    answer_for: Callable[[Any, Any, Services], Awaitable[RawApp]], scope: Any, receive: Any, send: Any
-) -> None:
-    """`POST /api/chat` and `/api/chat/stream` (`answer_for` is the route's entry in
-    `HOT_ROUTES`), straight from the edge middleware.
-
-    Litestar's router, request object and exception middleware cost about a third of the Python
-    time of a whole /api/chat request (py-spy), on the two routes that carry the load. These two
-    need none of them: the checks are ours (`prepare`), the answers are bare ASGI apps, and the
-    errors are our envelope, built here the way `pwachat.errors` builds it for everything else.
-    Every check and the provider's first answer happen before the answer app sends anything, so
-    only that part can still answer with an error; a failure once the answer is under way goes up
-    as it would from the router. The Litestar handlers below run the same functions; they remain
-    the routes' declaration (the OpenAPI document) and serve any other path spelling Litestar
-    accepts (a trailing slash)."""
-    try:
-        answer = await answer_for(scope, receive, scope["app"].state.services)
-    except ApiError as err:
-        await send_error(send, err.status, err.code, err.message, scope, err.headers, err.details)
-        return
-    except Exception as exc:
-        log_internal(exc, scope)
-        await send_error(send, 500, "internal_error", "Internal server error", scope)
-        return
-    await answer(scope, receive, send)
-
-
 # The Litestar handlers: the routes' declaration for the OpenAPI document, and the same functions
-# as `serve_hot` for requests that reach the router.
+# as the fast path for requests that reach the router (another spelling of the path).
 @post(
     "/chat",
     dependencies=_schema_only,

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
 
-from litestar import Request, Response, get
+from litestar import get
 from litestar.datastructures import State
 
 from pwachat import __version__
-from pwachat.errors import error_bytes
+from pwachat.errors import ProviderNotConfigured
 from pwachat.relay import open_streams
 from pwachat.schemas import HealthResponse, ProviderHealth, RateLimitHealth, RuntimeHealth, StatusResponse
 from pwachat.services import Services
@@ -47,11 +46,8 @@ async def live() -> StatusResponse:
 
 
 @get("/health/ready", summary="Readiness: at least one provider can serve")
-async def ready(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+async def ready(state: State) -> StatusResponse:
     svc: Services = state.services
-    if svc.providers.serving:
-        return Response(StatusResponse("ok"))
-    body = error_bytes(
-        "provider_not_configured", "No provider is configured", request.scope["state"]["request_id"]
-    )
-    return Response(body, status_code=503, media_type="application/json")
+    if not svc.providers.serving:
+        raise ProviderNotConfigured()
+    return StatusResponse("ok")

@@ -7,8 +7,8 @@ from typing import Any
 from litestar import Request, get
 from litestar.datastructures import State
 
+from pwachat.auth import authorize
 from pwachat.providers import LABELS
-from pwachat.routes.auth import authorize
 from pwachat.schemas import ModelInfo, ModelsResponse
 from pwachat.services import Services
 

@@ -7,10 +7,10 @@ from typing import Any
 from litestar import Request, Response, get
 from litestar.datastructures import State
 
+from pwachat.auth import authorize
+from pwachat.forwarded import client_ip
 from pwachat.ratelimit import caller_key
-from pwachat.routes.auth import authorize
 from pwachat.schemas import RateLimitResponse, WindowCounts
-from pwachat.security import client_ip
 from pwachat.services import Services
 
 __all__ = ["rate_limit"]

@@ -1,29 +1,27 @@
 """What wraps every request: its id, security headers, CORS, HTTPS in production, the access log
-line; plus the caller's identity (client IP behind trusted proxies, bearer tokens).
+line. It knows nothing of the routes behind it.
 
 CORS is here rather than Litestar's `CORSConfig` because the contract is stricter than it: a
 disallowed origin gets no CORS header at all (Litestar still sends Allow-Methods/Headers and
 Expose-Headers) and its preflight is not a text/plain 400; preflights never need a token.
 
-`EdgeMiddleware` sits outside Litestar's router (see `app.py`), so 404s, 405s and CORS answers get
+`EdgeMiddleware` sits outside the routes (see `app.py`), so 404s, 405s and CORS answers get
 the same headers and log line as everything else. It is plain ASGI on purpose: one pass over the
 headers, precomputed header lists, no per-request objects beyond what it must keep.
 """
 
 from __future__ import annotations
 
-import hmac
-import logging
 import os
 import re
 import time
 from typing import Any
 
-from pwachat.errors import ApiError, error_bytes
+from pwachat.errors import HttpsRequired, send_error
 from pwachat.logging import log_access
 from pwachat.settings import Settings
 
-__all__ = ["EdgeMiddleware", "Unauthorized", "bearer_token", "check_token", "client_ip"]
+__all__ = ["EdgeMiddleware"]
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 JSON_CSP = b"default-src 'none'; frame-ancestors 'none'"
@@ -33,15 +31,6 @@ CORS_EXPOSED = (
     b"X-Request-ID, Retry-After, X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset, "
     b"RateLimit, RateLimit-Policy"
 )
-log = logging.getLogger("pwachat.security")
-
-
-class Unauthorized(ApiError):
-    status = 401
-    code = "unauthorized"
-
-    def __init__(self) -> None:
-        super().__init__("A valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
 
 
 def new_request_id() -> str:
@@ -53,34 +42,6 @@ def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
         if key == name:
             return value
     return None
-
-
-def client_ip(scope: dict[str, Any]) -> str:
-    """The caller's address: the socket peer, or behind a trusted proxy what Granian's proxy-header
-    support (installed in `app.py`) put in its place."""
-    client = scope.get("client")
-    return client[0] if client else "unknown"
-
-
-def bearer_token(scope: dict[str, Any]) -> str | None:
-    value = _header(scope, b"authorization")
-    if not value:
-        return None
-    scheme, _, token = value.decode("latin-1").strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
-
-
-def check_token(token: str | None, accepted: tuple[bytes, ...]) -> bool:
-    if token is None:
-        return False
-    candidate = token.encode("utf-8", "surrogateescape")
-    # Compare against every accepted token so the time taken does not tell which one was close.
-    found = False
-    for good in accepted:
-        found |= hmac.compare_digest(candidate, good)
-    return found
 
 
 class EdgeMiddleware:
@@ -101,12 +62,6 @@ class EdgeMiddleware:
         self.cors_any = "*" in settings.cors_origins
         self.cors_origins = {o.encode() for o in settings.cors_origins if o != "*"}
         self.cors = bool(settings.cors_origins)
-        # The chat routes, served without Litestar's router (routes/chat.py: serve_hot); imported
-        # here because the routes themselves use this module.
-        from pwachat.routes.chat import HOT_ROUTES, serve_hot
-
-        self.hot_routes = HOT_ROUTES
-        self.serve_hot = serve_hot
 
     def _allowed_origin(self, scope: dict[str, Any]) -> bytes | None:
         origin = _header(scope, b"origin")
@@ -180,12 +135,9 @@ class EdgeMiddleware:
                 and not scope["path"].startswith("/api/health")
                 and scope.get("scheme", "http") != "https"
             ):
-                await self._refuse_http(scope, rid, send_wrapper)
+                await self._refuse_http(scope, send_wrapper)
                 return
-            if scope["method"] == "POST" and (answer_for := self.hot_routes.get(scope["path"])):
-                await self.serve_hot(answer_for, scope, receive, send_wrapper)
-            else:
-                await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, send_wrapper)
         finally:
             fields.update(
                 request_id=rid,
@@ -196,37 +148,20 @@ class EdgeMiddleware:
             )
             log_access(fields)
 
-    async def _refuse_http(self, scope: dict[str, Any], rid: str, send: Any) -> None:
+    async def _refuse_http(self, scope: dict[str, Any], send: Any) -> None:
         if scope["method"] in ("GET", "HEAD"):
             host = (_header(scope, b"host") or b"").decode("latin-1")
-            if not _valid_host(host):
-                host = ""
-            qs = scope.get("query_string", b"").decode("latin-1")
-            target = f"https://{host}{scope.get('raw_path', b'').decode('latin-1') or scope['path']}"
-            if qs and "?" not in target:
-                target += f"?{qs}"
-            if host:
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 308,
-                        "headers": [(b"location", target.encode("latin-1")), (b"content-length", b"0")],
-                    }
-                )
+            if _valid_host(host):
+                qs = scope.get("query_string", b"").decode("latin-1")
+                path = scope.get("raw_path", b"").decode("latin-1") or scope["path"]
+                target = f"https://{host}{path}"
+                if qs and "?" not in target:
+                    target += f"?{qs}"
+                headers = [(b"location", target.encode("latin-1")), (b"content-length", b"0")]
+                await send({"type": "http.response.start", "status": 308, "headers": headers})
                 await send({"type": "http.response.body", "body": b""})
                 return
-        body = error_bytes("https_required", "HTTPS is required", rid)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 403,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, HttpsRequired(), scope)
 
 
 _HOST = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
