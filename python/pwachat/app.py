@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from granian.utils.proxies import wrap_asgi_with_proxy_headers
 from litestar import Litestar, Response, Router
 from litestar.exceptions import NotFoundException
 from litestar.openapi import OpenAPIConfig
@@ -16,7 +15,8 @@ from litestar.openapi.plugins import JsonRenderPlugin
 from pwachat import __version__
 from pwachat.auth import token_guard
 from pwachat.edge import EdgeMiddleware
-from pwachat.errors import PanicException, as_api_error, exception_handlers, send_error
+from pwachat.errors import as_api_error, exception_handlers, send_error
+from pwachat.forwarded import ForwardedHeaders
 from pwachat.logging import setup_logging
 from pwachat.providers import build_providers
 from pwachat.ratelimit import create_backend, policy_header
@@ -74,10 +74,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     # 404/405s and CORS answers get them too), the chat fast path, then Litestar's router.
     app.asgi_handler = EdgeMiddleware(ChatFastPath(app.asgi_handler), settings)
     if settings.trusted_proxies:
-        # Granian's proxy-header support, outermost: from a trusted peer only, the right-most
-        # X-Forwarded-For address that is not itself trusted becomes the client, and
-        # X-Forwarded-Proto the scheme (for the production HTTPS rule).
-        app.asgi_handler = wrap_asgi_with_proxy_headers(app.asgi_handler, list(settings.trusted_proxies))
+        # Outermost: from a trusted peer only, X-Forwarded-For names the client and
+        # X-Forwarded-Proto the scheme (for the production HTTPS rule), each on its own.
+        app.asgi_handler = ForwardedHeaders(app.asgi_handler, settings.trusted_proxies)
     return app
 
 
@@ -106,7 +105,7 @@ class ChatFastPath:
             return
         try:
             answer = await answer_for(scope, receive, scope["app"].state.services)
-        except (Exception, PanicException) as exc:
+        except Exception as exc:
             await send_error(send, as_api_error(exc, scope), scope)
             return
         await answer(scope, receive, send)

@@ -17,7 +17,7 @@ import re
 import time
 from typing import Any
 
-from pwachat.errors import HttpsRequired, send_error
+from pwachat.errors import HttpsRequired, PanicException, as_api_error, send_error
 from pwachat.logging import log_access
 from pwachat.settings import Settings
 
@@ -138,6 +138,13 @@ class EdgeMiddleware:
                 await self._refuse_http(scope, send_wrapper)
                 return
             await self.app(scope, receive, send_wrapper)
+        except PanicException as exc:
+            # A bug in the native extension raises a BaseException, which every `except Exception`
+            # on the way (Litestar's handlers among them) lets pass: this is the last place to
+            # answer it (logged once by `as_api_error`; past the head there is nothing to add).
+            err = as_api_error(exc, scope)
+            if status == 0:
+                await send_error(send_wrapper, err, scope)
         finally:
             fields.update(
                 request_id=rid,

@@ -18,13 +18,14 @@ Timing rules (contract, "POST /api/chat/stream"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
 import msgspec
 
-from pwachat._native import SseEncoder, sse_comment
-from pwachat.errors import ApiError, error_body
+from pwachat._native import PanicException, SseEncoder, sse_comment
+from pwachat.errors import ApiError, as_api_error, error_body
 from pwachat.providers import (
     ChatInput,
     Provider,
@@ -35,7 +36,7 @@ from pwachat.providers import (
 )
 from pwachat.schemas import DoneEvent, StartEvent, Usage
 
-__all__ = ["EventStream", "open_streams", "open_upstream"]
+__all__ = ["NO_ANSWER", "EventStream", "abandon", "open_streams", "open_upstream", "reader_gone"]
 
 log = logging.getLogger("pwachat.relay")
 
@@ -57,7 +58,7 @@ async def _open(provider: Provider, chat: ChatInput, timeout_s: float, request_i
         raise UpstreamTimeout("The provider did not answer in time") from None
     except ProviderError:
         raise
-    except Exception:
+    except (Exception, PanicException):
         log.exception(
             "provider stream failed to open", extra={"provider": provider.name, "request_id": request_id}
         )
@@ -69,6 +70,25 @@ def open_upstream(
 ) -> asyncio.Task[ProviderStream]:
     """Start the provider request; the task ends with the open stream or a `ProviderError`."""
     return asyncio.get_running_loop().create_task(_open(provider, chat, timeout_s, request_id))
+
+
+def reader_gone(receive: Any) -> asyncio.Task[None]:
+    """A task that ends when the reader disconnects (the one reader of `receive` from then on)."""
+    return asyncio.get_running_loop().create_task(_until_disconnect(receive))
+
+
+def abandon(opening: asyncio.Task[ProviderStream]) -> None:
+    """The reader has gone before the provider's head arrived: cancel the provider request now
+    (cancelling the task closes its connection). The one place that decides what happens to a
+    request nobody reads any more: a grace period for resumable streams goes here."""
+    opening.cancel()
+
+
+async def _no_answer(scope: Any, receive: Any, send: Any) -> None:
+    """The answer to a reader that has already gone: nothing to send."""
+
+
+NO_ANSWER = _no_answer
 
 
 class _Closer:
@@ -93,6 +113,7 @@ class EventStream:
         "chat_id",
         "fields",
         "gap_s",
+        "gone",
         "headers",
         "heartbeat_s",
         "model",
@@ -113,8 +134,10 @@ class EventStream:
         request_id: str,
         heartbeat_s: float,
         gap_s: float,
+        gone: asyncio.Task[None],
     ) -> None:
         self.opening = opening
+        self.gone = gone  # ends when the reader disconnects (see `reader_gone`)
         self.chat_id = chat_id
         self.provider = provider
         self.model = model
@@ -128,35 +151,39 @@ class EventStream:
         global _open_streams  # a per-process gauge, read by /api/health
         _open_streams += 1
         fields = self.fields
-        watcher: list[asyncio.Task[None]] = []
         stream: ProviderStream | None = None
+        enc = SseEncoder()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-            stream = await self._relay(receive, send, watcher)
+            stream = await self._relay(send, self.gone, enc)
         except (OSError, RuntimeError):
             # Sending to a client that has gone: nothing more to say to it.
             fields["client_gone"] = True
+        except PanicException as exc:
+            # A bug in the extension mid-stream (a BaseException): logged once, and the reader
+            # still gets its terminal event.
+            err = as_api_error(exc, scope)
+            fields["error"] = err.code
+            event = enc.event("error", error_body(err.code, err.message, self.request_id))
+            with contextlib.suppress(OSError, RuntimeError):
+                await send({"type": "http.response.body", "body": event, "more_body": False})
         finally:
             _open_streams -= 1
-            if watcher:
-                watcher[0].cancel()
+            self.gone.cancel()
             if not self.opening.done():
-                self.opening.cancel()  # still waiting for the head: abandon the request
+                abandon(self.opening)  # still waiting for the head
                 fields["client_gone"] = True
             elif stream is None and not self.opening.cancelled() and self.opening.exception() is None:
                 stream = self.opening.result()
             if stream is not None:
                 await stream.aclose()
 
-    async def _relay(
-        self, receive: Any, send: Any, watcher: list[asyncio.Task[None]]
-    ) -> ProviderStream | None:
+    async def _relay(self, send: Any, gone: asyncio.Task[None], enc: SseEncoder) -> ProviderStream | None:
         """Frames go out as soon as nothing more is at hand: what arrives together (the start
         event and the first deltas, the last deltas and `done`) leaves in one send, and nothing is
         held back while waiting for the provider. Returns the stream for closing."""
         loop = asyncio.get_running_loop()
         fields = self.fields
-        enc = SseEncoder()
         pending = [enc.event("start", _encode(StartEvent(self.chat_id, self.provider, self.model)))]
         chars = 0
 
@@ -165,18 +192,11 @@ class EventStream:
             fields["events"] = enc.next_id
             pending.clear()
 
-        def watch() -> asyncio.Task[None]:
-            # Only a stream that has to wait needs to hear about the client leaving meanwhile.
-            if not watcher:
-                watcher.append(loop.create_task(_until_disconnect(receive)))
-            return watcher[0]
-
         # The head: committed already, so wait on with heartbeats (the task bounds the whole wait).
         last_sent = loop.time()
         while not self.opening.done():
             await flush(True)
             last_sent = loop.time()
-            gone = watch()
             await asyncio.wait((self.opening, gone), timeout=self.heartbeat_s, return_when="FIRST_COMPLETED")
             if gone.done():
                 fields["client_gone"] = True
@@ -188,8 +208,7 @@ class EventStream:
             return await self._fail(error, enc, pending, flush)
         stream = self.opening.result()
         closer = _Closer(stream)  # the client leaving closes the upstream, waking a pending read
-        if watcher:
-            watcher[0].add_done_callback(closer)
+        gone.add_done_callback(closer)
 
         last_chunk = loop.time()
         deltas = stream.ready()
@@ -212,9 +231,7 @@ class EventStream:
                 if pending:
                     await flush(True)
                     last_sent = loop.time()
-                if not watcher:
-                    watch().add_done_callback(closer)
-                if watcher[0].done():
+                if gone.done():
                     fields["client_gone"] = True
                     stream.abort()
                     return stream
@@ -232,7 +249,7 @@ class EventStream:
                 pending.append(PING)
                 continue
             except ProviderError as err:
-                if watcher and watcher[0].done():
+                if gone.done():
                     fields["client_gone"] = True
                     return stream
                 return await self._fail(err, enc, pending, flush, stream)

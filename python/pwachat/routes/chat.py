@@ -36,7 +36,7 @@ from pwachat.errors import (
 from pwachat.forwarded import client_ip
 from pwachat.providers import ChatInput, Provider, ProviderError, UpstreamTimeout
 from pwachat.ratelimit import caller_key, rate_limit_headers, refusal
-from pwachat.relay import EventStream, open_upstream
+from pwachat.relay import NO_ANSWER, EventStream, abandon, open_upstream, reader_gone
 from pwachat.schemas import ChatRequest, ChatResponse, Usage
 from pwachat.services import Services
 
@@ -45,6 +45,7 @@ __all__ = ["HOT_ROUTES", "chat", "chat_stream"]
 _decode_request = msgspec.json.Decoder(ChatRequest).decode
 _encode = msgspec.json.Encoder().encode
 JSON_TYPE = (b"content-type", b"application/json")
+RawApp = Callable[[Any, Any, Any], Awaitable[None]]
 STREAM_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -263,20 +264,27 @@ async def answer_chat(scope: Any, receive: Any, svc: Services) -> JsonAnswer:
     return JsonAnswer(_encode(body), p.headers)
 
 
-async def answer_stream(scope: Any, receive: Any, svc: Services) -> EventStream:
+async def answer_stream(scope: Any, receive: Any, svc: Services) -> RawApp:
     """POST /api/chat/stream: the answer as Server-Sent Events."""
     settings = svc.settings
     p = await prepare(scope, receive, svc)
     p.log.update(stream=True, events=0, output_chars=0)
     request_id = scope["state"]["request_id"]
     opening = open_upstream(p.provider, p.chat, settings.upstream_timeout_s, request_id)
+    gone = reader_gone(receive)
     try:
         # Wait for the provider's head for up to a heartbeat: a quick failure is still plain JSON.
-        await asyncio.wait((opening,), timeout=settings.sse_heartbeat_s)
+        await asyncio.wait((opening, gone), timeout=settings.sse_heartbeat_s, return_when="FIRST_COMPLETED")
     except BaseException:
-        opening.cancel()  # the request itself was cancelled: take the upstream request with it
+        gone.cancel()
+        abandon(opening)  # the request itself was cancelled: take the upstream request with it
         raise
+    if gone.done():  # the reader left before anything was committed to it
+        p.log["client_gone"] = True
+        abandon(opening)
+        return NO_ANSWER
     if opening.done() and (error := opening.exception()) is not None:
+        gone.cancel()
         p.log["error"] = getattr(error, "code", "upstream_error")
         if isinstance(error, ApiError):
             raise _with_headers(error, p.headers)
@@ -291,12 +299,12 @@ async def answer_stream(scope: Any, receive: Any, svc: Services) -> EventStream:
         request_id=request_id,
         heartbeat_s=settings.sse_heartbeat_s,
         gap_s=settings.upstream_timeout_s,
+        gone=gone,
     )
 
 
 #: The chat routes as raw answers: `app.py` dispatches `POST` to exactly these paths straight to
 #: them, without Litestar's router (see `ChatFastPath` there).
-RawApp = Callable[[Any, Any, Any], Awaitable[None]]
 HOT_ROUTES: dict[str, Callable[[Any, Any, Services], Awaitable[RawApp]]] = {
     "/api/chat": answer_chat,
     "/api/chat/stream": answer_stream,
