@@ -12,7 +12,7 @@ answer through `send_error` / `error_response`.
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import Any
 
 import msgspec
 from litestar import Request, Response
@@ -84,9 +84,9 @@ class ErrorBody(msgspec.Struct, frozen=True):
 class ApiError(Exception):
     """An error with a contract code; raise it anywhere and the client gets the envelope."""
 
-    status: ClassVar[int] = 500
-    code: ClassVar[str] = "internal_error"
-    default_message: ClassVar[str] = "Internal server error"
+    status: int = 500  # class defaults; an instance may carry another (see `as_api_error`)
+    code: str = "internal_error"
+    default_message: str = "Internal server error"
 
     def __init__(
         self,
@@ -234,6 +234,7 @@ def as_api_error(exc: BaseException, scope: Any) -> ApiError:
         return exc
     if isinstance(exc, HTTPException) and exc.status_code < 500:
         err = _BY_STATUS.get(exc.status_code, InvalidRequest)()
+        err.status = exc.status_code  # a 4xx the contract has no code for keeps its status
         if isinstance(exc, MethodNotAllowedException) and exc.headers:
             err.headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
         return err
