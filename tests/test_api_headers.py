@@ -203,8 +203,7 @@ def test_development_serves_plain_http(client) -> None:
 
 
 # TestClient's peer is ("testclient", 50000), which is no IP; PeerShim (conftest) sets a real one.
-# Granian's proxy-header support reads X-Forwarded-Proto along with X-Forwarded-For, as every
-# mainstream proxy sends them (README, Deployment).
+# `forwarded.ForwardedHeaders` reads X-Forwarded-Proto and X-Forwarded-For each on its own.
 def test_forwarded_proto_from_trusted_proxy_is_believed(make_client) -> None:
     client = make_client(peer="10.1.2.3", TRUSTED_PROXIES="10.0.0.0/8", **PROD)
     https = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "198.51.100.7"}
@@ -217,10 +216,47 @@ def test_forwarded_proto_from_trusted_proxy_is_believed(make_client) -> None:
     assert resp.status_code == 308
 
 
+def test_forwarded_proto_alone_from_trusted_proxy_is_believed(make_client) -> None:
+    # Many nginx set-ups send X-Forwarded-Proto and no X-Forwarded-For: no redirect loop.
+    client = make_client(peer="10.1.2.3", TRUSTED_PROXIES="10.0.0.0/8", **PROD)
+    https = {"X-Forwarded-Proto": "https"}
+    for resp in (
+        client.get("/api/models", headers=https),
+        client.get("/api/rate-limit", headers=https),
+        client.post("/api/chat", json={"message": "hi"}, headers=https),
+        client.post("/api/chat/stream", json={"message": "hi"}, headers=https),
+    ):
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["strict-transport-security"] == HSTS
+    assert client.get("/api/models", headers={"X-Forwarded-Proto": "HTTPS"}).status_code == 200
+    assert client.get("/api/models", headers={"X-Forwarded-Proto": "http"}).status_code == 308
+    assert client.get("/api/models").status_code == 308
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ([("X-Forwarded-Proto", "http, https")], 200),
+        ([("X-Forwarded-Proto", "https, http")], 308),
+        ([("X-Forwarded-Proto", "http"), ("X-Forwarded-Proto", "https")], 200),
+        ([("X-Forwarded-Proto", "https"), ("X-Forwarded-Proto", "http")], 308),
+        ([("X-Forwarded-Proto", "https, ftp")], 308),
+    ],
+    ids=["list https last", "list http last", "lines https last", "lines http last", "not a scheme"],
+)
+def test_right_most_forwarded_proto_counts(make_client, headers, status: int) -> None:
+    client = make_client(peer="10.1.2.3", TRUSTED_PROXIES="10.0.0.0/8", **PROD)
+    assert client.get("/api/models", headers=headers).status_code == status
+
+
 @pytest.mark.parametrize("peer", ["203.0.113.9", None], ids=["untrusted ip", "testclient"])
-def test_forwarded_proto_from_untrusted_peer_is_ignored(make_client, check_error, peer) -> None:
+@pytest.mark.parametrize(
+    "headers",
+    [{"X-Forwarded-Proto": "https", "X-Forwarded-For": "198.51.100.7"}, {"X-Forwarded-Proto": "https"}],
+    ids=["with xff", "proto alone"],
+)
+def test_forwarded_proto_from_untrusted_peer_is_ignored(make_client, check_error, peer, headers) -> None:
     client = make_client(peer=peer, TRUSTED_PROXIES="10.0.0.0/8", **PROD)
-    headers = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "198.51.100.7"}
     check_error(client.post("/api/chat", json={"message": "hi"}, headers=headers), 403, "https_required")
     assert client.get("/api/models", headers=headers).status_code == 308
 

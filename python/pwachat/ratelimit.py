@@ -12,6 +12,7 @@ from typing import Protocol
 
 from pwachat._native import Decision, RateLimiter
 from pwachat.errors import RateLimited
+from pwachat.forwarded import rate_limit_address
 from pwachat.settings import Settings
 
 __all__ = [
@@ -86,10 +87,12 @@ def create_backend(settings: Settings) -> RateLimitBackend:
 
 
 def caller_key(client_ip: str, token: str | None) -> str:
-    """The quota key: a token's digest (never the token itself, which may end up in Redis) or the IP."""
+    """The quota key: a token's digest (never the token itself, which may end up in Redis), or the
+    address as one caller (`forwarded.rate_limit_address`: IPv4 as it is, IPv4-mapped IPv6 as
+    IPv4, IPv6 by its /64)."""
     if token is not None:
         return "t:" + hashlib.sha256(token.encode()).hexdigest()[:32]
-    return "ip:" + client_ip
+    return "ip:" + rate_limit_address(client_ip)
 
 
 def policy_header(settings: Settings) -> str:
