@@ -79,8 +79,10 @@ class Behaviour:
     """What the fake does with one completion request. Every field is a control-API parameter."""
 
     status: int | None = None  # answer this HTTP status (>= 400) with the provider's error body
-    retry_after: float | None = None  # `retry-after` header (seconds) on an injected error status
-    retry_after_ms: int | None = None  # `retry-after-ms` header; both SDKs honour it (fast retries in tests)
+    # `retry-after` header on an injected error status: a number of seconds, or a string sent verbatim (an
+    # HTTP date, or the nonsense some servers send: "inf", "-5", "soon")
+    retry_after: float | str | None = None
+    retry_after_ms: int | str | None = None  # `retry-after-ms` (a string verbatim); both SDKs honour it
     error_type: str | None = None  # override the provider error `type` (status body and in-stream error)
     error_message: str | None = None  # override the provider error `message`
     head_delay_s: float = 0.0  # wait before sending the response head (also before an error status)
@@ -91,6 +93,7 @@ class Behaviour:
     error_event_after: int | None = None  # in-stream provider error after N deltas, then end the stream
     malformed: bool = False  # non-streamed: a 200 body that is not JSON; streamed: one event that is not JSON
     malformed_after: int = 0  # streamed: the bad event replaces delta N (0: the first)
+    body_pause_s: float = 0.0  # non-streamed: head + half the body (chunked) at once, the rest this later
     finish_reason: str | None = None  # OpenAI finish_reason / Anthropic stop_reason override
     input_tokens: int | None = None  # usage override (OpenAI prompt_tokens)
     output_tokens: int | None = None  # usage override (OpenAI completion_tokens)
@@ -98,8 +101,8 @@ class Behaviour:
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "status": (int,),
-    "retry_after": (int, float),
-    "retry_after_ms": (int,),
+    "retry_after": (int, float, str),
+    "retry_after_ms": (int, str),
     "error_type": (str,),
     "error_message": (str,),
     "head_delay_s": (int, float),
@@ -110,6 +113,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "error_event_after": (int,),
     "malformed": (bool,),
     "malformed_after": (int,),
+    "body_pause_s": (int, float),
     "finish_reason": (str,),
     "input_tokens": (int,),
     "output_tokens": (int,),
@@ -135,6 +139,8 @@ def validate_params(params: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{name} must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ValueError(f"{name} must not be negative")
+        if isinstance(value, str) and name.startswith("retry_after") and any(c in value for c in "\r\n\0"):
+            raise ValueError(f"{name} must fit on one header line")
         if name == "status" and not 400 <= value <= 599:
             raise ValueError("status must be an HTTP error status (400..599)")
         if name == "deltas":
@@ -585,7 +591,9 @@ class FakeServer:
         if b.head_delay_s:
             await asyncio.sleep(b.head_delay_s)
         if b.status is not None:
-            if b.retry_after is not None:
+            if isinstance(b.retry_after, str):
+                headers["retry-after"] = b.retry_after
+            elif b.retry_after is not None:
                 ra = b.retry_after
                 headers["retry-after"] = str(int(ra)) if float(ra).is_integer() else str(ra)
             if b.retry_after_ms is not None:
@@ -609,7 +617,27 @@ class FakeServer:
             )
         rec["deltas_sent"] = len(ans.deltas)
         full = _openai_message(ans) if provider == "openai" else _anthropic_message(ans)
+        if b.body_pause_s:
+            return await self._send_paused(request, rec, _enc(full), headers, b.body_pause_s)
         return await self._send_json(request, rec, 200, full, headers)
+
+    async def _send_paused(
+        self, request: web.Request, rec: dict, raw: bytes, headers: dict[str, str], pause_s: float
+    ) -> web.StreamResponse:
+        """A whole JSON answer, chunked, that stalls half-way: a client that gives up on it has to hang up."""
+        resp = web.StreamResponse(status=200, headers=headers)
+        resp.content_type = "application/json"
+        resp.enable_chunked_encoding()
+        rec["status"] = 200
+        await resp.prepare(request)
+        rec["head_sent_at"] = time.monotonic()
+        half = len(raw) // 2
+        await resp.write(raw[:half])
+        await asyncio.sleep(pause_s)
+        await resp.write(raw[half:])
+        await resp.write_eof()
+        self._finish(rec, completed=True)
+        return resp
 
     def _drop(self, request: web.Request, rec: dict) -> web.StreamResponse:
         rec["dropped"] = True

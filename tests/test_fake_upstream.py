@@ -179,6 +179,19 @@ def test_openai_rate_limited_with_retry_after(fake: FakeUpstream) -> None:
     assert exc.value.body["code"] == "rate_limit_exceeded"
 
 
+@pytest.mark.parametrize("value", ["inf", "-5", "soon", "Fri, 31 Dec 9999 23:59:59 GMT"])
+def test_retry_after_strings_are_sent_verbatim(fake: FakeUpstream, value: str) -> None:
+    fake.behave("openai", status=429, retry_after=value, retry_after_ms="nan", count=1)
+    body = {"model": "m", "messages": USER}
+    headers = {"authorization": "Bearer sk-test-openai"}
+    with httpx.Client(trust_env=False) as client:
+        resp = client.post(fake.openai_base_url + "/chat/completions", json=body, headers=headers)
+    assert resp.status_code == 429
+    assert resp.headers["retry-after"] == value and resp.headers["retry-after-ms"] == "nan"
+    with pytest.raises(ValueError, match="retry_after"):
+        fake.behave("openai", status=429, retry_after="1\r\nX-Injected: yes")
+
+
 def test_openai_server_error(fake: FakeUpstream) -> None:
     fake.behave("openai", status=500)
 
@@ -456,6 +469,40 @@ def test_chunk_interval(fake: FakeUpstream) -> None:
     assert len(arrivals) == 4 and arrivals[-1] >= 0.2
     rec = fake.requests()[0]
     assert rec["finished_at"] - rec["head_sent_at"] >= 0.2 and rec["deltas_sent"] == 4
+
+
+def test_body_pause_sends_the_head_then_stalls_half_way(fake: FakeUpstream) -> None:
+    fake.behave("anthropic", deltas=["a whole ", "answer"], body_pause_s=0.4)
+    body = {"model": "m", "max_tokens": 10, "messages": USER}
+    headers = {"x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01"}
+    with (
+        httpx.Client(trust_env=False) as client,
+        client.stream("POST", fake.anthropic_base_url + "/v1/messages", json=body, headers=headers) as resp,
+    ):
+        t0 = time.monotonic()
+        assert resp.headers["transfer-encoding"] == "chunked"
+        raw = resp.iter_raw()
+        first = next(raw)
+        assert time.monotonic() - t0 < 0.3  # half the body came with the head
+        rest = b"".join(raw)
+        assert time.monotonic() - t0 >= 0.4
+    assert json.loads(first + rest)["content"][0]["text"] == "a whole answer"
+    [rec] = fake.requests("anthropic")
+    assert rec["completed"] and rec["finished_at"] - rec["head_sent_at"] >= 0.4
+
+
+def test_a_client_leaving_a_paused_body_is_gone(fake: FakeUpstream) -> None:
+    fake.behave("openai", body_pause_s=30)
+    body = {"model": "m", "messages": USER}
+    headers = {"authorization": "Bearer sk-test-openai"}
+    with (
+        httpx.Client(trust_env=False) as client,
+        client.stream("POST", fake.openai_base_url + "/chat/completions", json=body, headers=headers) as resp,
+    ):
+        next(resp.iter_raw())
+    left_at = time.monotonic()
+    [rec] = fake.wait_for(lambda recs: [r for r in recs if r["client_gone"]], timeout=2.0)
+    assert rec["gone_at"] - left_at < 1.0 and not rec["completed"]
 
 
 def test_drop_after_openai(fake: FakeUpstream) -> None:

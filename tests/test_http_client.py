@@ -10,58 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable
 
 import pytest
 
+from pwachat.providers import http_client
 from pwachat.providers.http_client import Pool, TransportError
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[bool]]
-
-
-async def read_request(reader: asyncio.StreamReader) -> tuple[str, dict[str, str], bytes]:
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-    lines = head.split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return lines[0], headers, body
-
-
-class Server:
-    """Each connection is served by `handler(reader, writer, request_number)` until it returns
-    False (then the server closes the connection). Counts connections and keeps the requests."""
-
-    def __init__(self, handler: Handler, tls: ssl.SSLContext | None = None) -> None:
-        self.handler = handler
-        self.tls = tls
-        self.connections = 0
-        self.requests: list[tuple[str, dict[str, str], bytes]] = []
-
-    async def __aenter__(self) -> Server:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            self.connections += 1
-            try:
-                while True:
-                    try:
-                        self.requests.append(await read_request(reader))
-                    except (asyncio.IncompleteReadError, ConnectionError):
-                        return
-                    if not await self.handler(reader, writer, len(self.requests)):
-                        return
-            finally:
-                writer.close()
-
-        self.server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=self.tls)
-        port = self.server.sockets[0].getsockname()[1]
-        self.url = f"https://localhost:{port}/v1" if self.tls else f"http://127.0.0.1:{port}/v1"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.close()
+from raw_server import Handler, Server, hold, until
 
 
 def answer(*parts: bytes, keep: bool = True, dribble: bool = False) -> Handler:
@@ -428,5 +384,124 @@ def test_a_certificate_that_does_not_verify_is_connect_failed(
             with pytest.raises(ConnectFailed):
                 await post(pool)
             assert srv.requests == []  # nothing was ever sent in the clear or to the wrong peer
+
+    run(main())
+
+
+# --------------------------------------------------------------------------------------------
+# Connections always end: a cancel, a timeout, a stalled end, a shutdown
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+def test_giving_up_while_waiting_for_the_head_closes_the_connection(how: str) -> None:
+    # The relay cancels the opening request when its reader leaves; the provider must see it go.
+    async def main() -> None:
+        gone: list[float] = []
+        async with Server(hold(gone=gone)) as srv:
+            pool = Pool(srv.url, {})
+            send = pool.send(pool.request_bytes("/chat", b"{}"))
+            if how == "cancel":
+                task = asyncio.ensure_future(send)
+                await until(lambda: srv.requests, 5, "the request reached the server")
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            else:
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        await send
+            gave_up = time.monotonic()
+            await until(lambda: gone, 1.0, "the server saw the connection close")
+            assert gone[0] - gave_up < 1.0 and not pool._idle
+            await pool.aclose()
+
+    run(main())
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+@pytest.mark.parametrize(
+    "head",
+    [
+        b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\n{"half": \r\n',
+        b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"half": ',
+    ],
+    ids=["chunked", "content-length"],
+)
+def test_a_whole_body_read_cut_short_closes_the_connection(head: bytes, how: str) -> None:
+    # /api/chat bounds `read()` with UPSTREAM_TIMEOUT_S: after its 504 the provider must stop, not be
+    # read to the end in the background (and billed) for a client that has had its answer.
+    async def main() -> None:
+        gone: list[float] = []
+        async with Server(hold(head, gone=gone)) as srv:
+            pool = Pool(srv.url, {})
+            resp = await pool.send(pool.request_bytes("/chat", b"{}"))
+            if how == "cancel":
+                task = asyncio.ensure_future(resp.read())
+                conn = resp._conn
+                await until(lambda: conn.waiter is not None, 1, "the read waiting for the rest")
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            else:
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        await resp.read()
+            gave_up = time.monotonic()
+            resp.release()  # what a caller's cleanup does anyway: too late to pool it
+            await until(lambda: gone, 1.0, "the server saw the connection close")
+            assert gone[0] - gave_up < 1.0 and not pool._idle
+            await pool.aclose()
+
+    run(main())
+
+
+def test_a_released_stream_whose_closing_chunk_never_comes_is_closed_soon() -> None:
+    async def main() -> None:
+        gone: list[float] = []
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nevent!\r\n"
+        async with Server(hold(head, gone=gone)) as srv:
+            pool = Pool(srv.url, {})
+            resp = await pool.send(pool.request_bytes("/chat", b"{}"))
+            assert await resp.readany() == b"event!"
+            resp.release()  # the last event is in; the closing chunk never will be
+            released = time.monotonic()
+            drain_s = getattr(http_client, "DRAIN_TIMEOUT_S", 1.0)
+            await until(lambda: gone, drain_s + 1.0, "the drained connection closed")
+            assert gone[0] - released >= drain_s * 0.9  # it was given its chance first
+            assert not pool._idle
+            await pool.aclose()
+
+    run(main())
+
+
+def test_aclose_closes_connections_still_draining(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_client, "DRAIN_TIMEOUT_S", 60.0, raising=False)  # only aclose can end it
+
+    async def main() -> None:
+        gone: list[float] = []
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nevent!\r\n"
+        async with Server(hold(head, gone=gone)) as srv:
+            pool = Pool(srv.url, {})
+            resp = await pool.send(pool.request_bytes("/chat", b"{}"))
+            assert await resp.readany() == b"event!"
+            resp.release()
+            await pool.aclose()
+            await until(lambda: gone, 1.0, "the server saw the draining connection close")
+
+    run(main())
+
+
+def test_a_response_dropped_without_release_or_close_closes_its_connection() -> None:
+    # A leak elsewhere (an opened stream nobody took) must not hold the provider's request forever.
+    async def main() -> None:
+        gone: list[float] = []
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nevent!\r\n"
+        async with Server(hold(head, gone=gone)) as srv:
+            pool = Pool(srv.url, {})
+            resp = await pool.send(pool.request_bytes("/chat", b"{}"))
+            assert resp.status == 200
+            del resp
+            await until(lambda: gone, 1.0, "the server saw the connection close")
+            await pool.aclose()
 
     run(main())

@@ -21,6 +21,7 @@ import pytest
 
 from conftest import LEAKS
 from fake_upstream import FakeUpstream
+from pwachat.providers import http_provider
 from reference import parse_sse
 from server import Server, free_port, sse_request, start_server, stop_server
 
@@ -629,6 +630,34 @@ def test_quick_upstream_failure_is_json_with_its_real_status(
     assert len(fake.requests(upstream)) == 2  # no retries here (UPSTREAM_MAX_RETRIES=0)
 
 
+UNUSABLE_RETRY_AFTER = ["inf", "nan", "1e999", "-5", "99999999999", "soon", "Fri, 31 Dec 9999 23:59:59 GMT"]
+
+
+@pytest.mark.parametrize("value", UNUSABLE_RETRY_AFTER)
+@pytest.mark.parametrize("provider", ["openai", "claude"])
+def test_an_unusable_provider_retry_after_is_replaced_by_a_default(
+    main: Server, fake: FakeUpstream, provider: str, value: str
+) -> None:
+    """Edge rules: a provider's Retry-After is passed on only when it is a finite number of seconds
+    (or an HTTP date) within 0..3600; anything else is replaced by a default (never a 500)."""
+    upstream, _ = PROVIDERS[provider]
+    fake.behave(upstream, status=429, retry_after=value)
+    for path, status, headers, body in both_endpoints(main, {"message": "hi", "provider": provider}):
+        check_json_error(status, headers, body, 503, "upstream_rate_limited")
+        assert headers.get("retry-after") == str(http_provider.DEFAULT_RETRY_AFTER_S), (path, headers)
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/chat/stream"])
+def test_retries_after_an_unusable_retry_after_end_in_a_503_with_the_default(
+    retrying: Server, fake: FakeUpstream, path: str
+) -> None:
+    fake.behave("openai", status=429, retry_after="inf", retry_after_ms="nan")
+    status, headers, body = _any_endpoint(retrying, path, {"message": "hi", "provider": "openai"})
+    check_json_error(status, headers, body, 503, "upstream_rate_limited")
+    assert headers.get("retry-after") == str(http_provider.DEFAULT_RETRY_AFTER_S), headers
+    assert len(fake.requests("openai")) == 3  # backed off on its own and retried
+
+
 def test_connection_refused_is_a_json_502(partial: Server) -> None:
     for _, status, headers, body in both_endpoints(partial, {"message": "hi", "provider": "claude"}):
         check_json_error(status, headers, body, 502, "upstream_error")
@@ -667,6 +696,39 @@ def test_chat_whose_body_is_too_slow_is_504(impatient: Server, fake: FakeUpstrea
     fake.behave(upstream, deltas=["a", "b"], chunk_interval_s=2)  # non-streamed: the whole body after 4 s
     status, headers, body = impatient.post_json("/api/chat", {"message": "hi", "provider": provider})
     check_json_error(status, headers, body, 504, "upstream_timeout")
+
+
+@pytest.mark.parametrize("provider", ["openai", "claude"])
+def test_chat_that_times_out_mid_body_hangs_up_on_the_provider(
+    impatient: Server, fake: FakeUpstream, provider: str
+) -> None:
+    """The head and half the body at once, the rest never in time: after the 504 the provider sees
+    the request go (it would otherwise be read to its end, and billed, for nobody)."""
+    upstream, _ = PROVIDERS[provider]
+    fake.behave(upstream, body_pause_s=6)
+    status, headers, body = impatient.post_json("/api/chat", {"message": "hi", "provider": provider})
+    answered = time.monotonic()
+    check_json_error(status, headers, body, 504, "upstream_timeout")
+    rec = fake.wait_for(lambda rs: rs and rs[0]["finished_at"] is not None and rs[0], timeout=5)
+    assert rec["head_sent_at"] is not None  # the head had come: the body read was cut short
+    assert rec["client_gone"] and not rec["completed"], rec
+    assert rec["gone_at"] - answered < 1.0, rec["gone_at"] - answered
+
+
+@pytest.mark.parametrize("provider", ["openai", "claude"])
+def test_a_reader_leaving_before_the_head_hangs_up_on_the_provider_within_one_second(
+    beating: Server, fake: FakeUpstream, provider: str
+) -> None:
+    upstream, _ = PROVIDERS[provider]
+    fake.behave(upstream, head_delay_s=10)
+    reader = open_stream(beating, {"message": "hi", "provider": provider})
+    with reader.sock:
+        assert reader.read_head()[0] == 200  # committed on the heartbeat, the provider still silent
+        assert [i.name for i in events(reader.read_events(1))] == ["start"]
+        closed_at = time.monotonic()
+    rec = fake.wait_for(lambda rs: rs and rs[0]["finished_at"] is not None and rs[0], timeout=5)
+    assert rec["client_gone"] and rec["head_sent_at"] is None, rec
+    assert rec["gone_at"] - closed_at <= 1.0, rec["gone_at"] - closed_at
 
 
 @pytest.mark.parametrize("provider", ["openai", "claude"])

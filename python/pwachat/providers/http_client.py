@@ -14,11 +14,18 @@ meets a reused connection the server had already closed is sent again on a fresh
 answers are skipped, TLS (SNI, the system's CAs) for https base URLs, and new connections try the
 host's addresses Happy-Eyeballs style (aiohappyeyeballs, as aiohttp does). What it leaves out, because
 neither API needs it: proxies, redirects, cookies, compression (it asks for none), HTTP/2.
+
+Every connection ends, whatever happens to the request on it: a provider keeps generating (and
+billing) for as long as its connection is open. A cancel or a timeout while waiting for the head
+or reading a whole body closes the connection; so does dropping a `Response` without releasing or
+closing it. A stream released before its closing chunk arrived is read on for `DRAIN_TIMEOUT_S`
+at most, then closed; `Pool.aclose` closes those still draining along with the idle ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import time
@@ -36,6 +43,9 @@ HIGH_WATER = 1024 * 1024
 _HEX = b"0123456789abcdefABCDEF"
 #: The largest whole (non-streamed) answer read: a chat completion is a few kilobytes.
 MAX_BODY_BYTES = 32 * 1024 * 1024
+#: How long a stream released before its closing chunk (usually in flight: a round trip) is read on
+#: so that its connection can be pooled; a server that never sends it has its connection closed.
+DRAIN_TIMEOUT_S = 1.0
 
 
 class TransportError(ConnectionError):
@@ -51,9 +61,11 @@ class _Conn(asyncio.Protocol):
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
+        self.drain_timer: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -93,8 +105,7 @@ class _Conn(asyncio.Protocol):
         if self.draining:
             self.body.clear()  # nobody reads it any more
             if self.state == "done" or self.error is not None:
-                self.draining = False
-                self.pool._release(self)
+                self.pool._drained(self)
             return
         if self.framing and not self.paused and len(self.body) > HIGH_WATER and self.transport:
             self.paused = True
@@ -107,6 +118,8 @@ class _Conn(asyncio.Protocol):
             self.state = "done"  # a body delimited by the close: the close is its end
         elif self.state in ("head", "body") and self.error is None:
             self.error = TransportError("the connection closed before the answer was complete")
+        if self.draining:
+            self.pool._drained(self)
         self._wake()
 
     def _wake(self) -> None:
@@ -261,7 +274,8 @@ class Response:
     `read_nowait` / `readany`. `release()` when done (the connection goes back to the pool if it
     can), `close()` to drop the connection (the upstream sees it go at once). Either one ends the
     response's hold on the connection: a later `close()` cannot reach a connection the pool has
-    handed to another request."""
+    handed to another request. A response dropped while it still holds its connection (a bug
+    elsewhere, or an opened stream nobody took) closes it: the provider stops generating."""
 
     __slots__ = ("_conn", "_pool", "headers", "status")
 
@@ -277,22 +291,26 @@ class Response:
         return self._conn
 
     async def read(self, limit: int = MAX_BODY_BYTES) -> bytes:
-        """The whole body; a TransportError past `limit` bytes (the connection is dropped)."""
+        """The whole body; a TransportError past `limit` bytes. Whatever cuts the read short (an
+        error, a timeout, a cancel) closes the connection: its answer will never be read now."""
         conn = self._held()
         parts = []
         size = 0
-        while True:
-            if conn.body:
-                parts.append(conn.take())  # taken as it comes, so a paused transport resumes
-                size += len(parts[-1])
-                if size > limit:
-                    self.close()
-                    raise TransportError("the answer is larger than the client accepts")
-            if conn.state == "done":
-                return b"".join(parts)
-            if conn.error is not None:
-                raise conn.error
-            await conn.wait()
+        try:
+            while True:
+                if conn.body:
+                    parts.append(conn.take())  # taken as it comes, so a paused transport resumes
+                    size += len(parts[-1])
+                    if size > limit:
+                        raise TransportError("the answer is larger than the client accepts")
+                if conn.state == "done":
+                    return b"".join(parts)
+                if conn.error is not None:
+                    raise conn.error
+                await conn.wait()
+        except BaseException:
+            self.close()
+            raise
 
     def read_nowait(self) -> bytes:
         """What has arrived and not been read yet (maybe nothing); never raises."""
@@ -320,6 +338,12 @@ class Response:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.abort()
+
+    def __del__(self) -> None:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            with contextlib.suppress(RuntimeError):  # its event loop is closed already: so is the socket
+                conn.abort()
 
 
 class Pool:
@@ -351,6 +375,7 @@ class Pool:
         ]
         self._headers = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
         self._idle: list[_Conn] = []
+        self._draining: set[_Conn] = set()  # released streams read on to their end (see _release)
         self._closed = False
 
     def request_bytes(self, path: str, body: bytes) -> bytes:
@@ -420,12 +445,15 @@ class Pool:
         usable = conn.reusable and not conn.closed and not self._closed and conn.error is None
         if usable and conn.state == "body" and conn.framing == "chunked":
             # A stream whose last event has been read but whose closing chunk has not arrived yet
-            # (it is usually in flight): keep reading, discard, and pool it when it ends.
+            # (it is usually in flight): keep reading, discard, and pool it when it ends, or close
+            # it if that takes longer than DRAIN_TIMEOUT_S (a server that never finishes).
             conn.draining = True
             conn.body.clear()
             if conn.paused and conn.transport is not None:
                 conn.paused = False
                 conn.transport.resume_reading()
+            self._draining.add(conn)
+            conn.drain_timer = conn.loop.call_later(DRAIN_TIMEOUT_S, conn.abort)
             return
         if usable and conn.state == "done" and not conn.body:
             conn.state = "idle"
@@ -434,8 +462,17 @@ class Pool:
         else:
             conn.abort()
 
+    def _drained(self, conn: _Conn) -> None:
+        """A draining connection reached its end, broke, or ran out of time."""
+        conn.draining = False
+        if conn.drain_timer is not None:
+            conn.drain_timer.cancel()
+            conn.drain_timer = None
+        self._draining.discard(conn)
+        self._release(conn)
+
     async def aclose(self) -> None:
         self._closed = True
-        for conn in self._idle:
+        for conn in (*self._idle, *self._draining):
             conn.abort()
         self._idle.clear()

@@ -9,6 +9,17 @@ per-chunk model building cost far more than the relay itself (see benches/).
 Retries follow the SDKs' policy (connection errors, 408, 409, 429 and 5xx; `x-should-retry`;
 `retry-after` up to 60 s, else exponential backoff with jitter) and happen only before a response
 head is accepted, so a stream that has started is never replayed.
+
+A provider's `Retry-After` (or `retry-after-ms`) is believed only when it is a finite number of
+seconds, or an HTTP date, within 0..`MAX_RETRY_AFTER_S` (contract, "Edge rules"); an unusable one
+(`inf`, `nan`, `-5`, `99999999999`, garbage, a date in the year 9999) makes the 429 say
+`DEFAULT_RETRY_AFTER_S` instead, and the retry loop back off on its own.
+
+A stream is bounded as a whole, not only between chunks (the relay's `UPSTREAM_TIMEOUT_S` gap):
+past `MAX_STREAM_BYTES` of body, or `MAX_STREAM_S` after it was opened, it ends with an
+`upstream_error` and its connection is closed. Both are far beyond any real answer (a 32k-token
+answer is under 10 MB of events and, at 20 tokens/s, under half an hour); they stop a provider,
+or something posing as one, that never stops. Both are checked at each read, with no timer.
 """
 
 from __future__ import annotations
@@ -35,41 +46,77 @@ from pwachat.providers.base import (
 )
 from pwachat.providers.http_client import ConnectFailed, Pool, Response, TransportError
 
-__all__ = ["HttpProvider", "RawStream", "UpstreamHTTP", "error_for_status", "retry_after_s"]
+__all__ = [
+    "DEFAULT_RETRY_AFTER_S",
+    "MAX_RETRY_AFTER_S",
+    "MAX_STREAM_BYTES",
+    "MAX_STREAM_S",
+    "HttpProvider",
+    "RawStream",
+    "UpstreamHTTP",
+    "error_for_status",
+    "retry_after_s",
+]
 
 _RETRY_STATUSES = {408, 409, 429}
-_MAX_RETRY_AFTER_S = 60.0
+#: The longest `retry-after` the retry loop waits for; a longer one backs off exponentially (the SDKs').
+_MAX_RETRY_WAIT_S = 60.0
+#: The longest provider wait passed on to clients (contract, "Edge rules": 0..3600 seconds).
+MAX_RETRY_AFTER_S = 3600.0
+#: The `Retry-After` (whole seconds) of a 429 whose provider sent one that is unusable.
+DEFAULT_RETRY_AFTER_S = 30
+#: A stream's whole body, in bytes, past which it ends with `upstream_error` (64 MiB).
+MAX_STREAM_BYTES = 64 * 1024 * 1024
+#: A stream's whole duration, in seconds from its opening, past which it ends with `upstream_error`.
+MAX_STREAM_S = 30 * 60.0
+
+
+def _seconds(value: str, scale: float = 1.0) -> float | None:
+    try:
+        seconds = float(value) / scale
+    except ValueError:
+        return None
+    # NaN fails both comparisons; inf and 1e999 (inf too) fail the second.
+    return seconds if 0.0 <= seconds <= MAX_RETRY_AFTER_S else None
+
+
+def _date_wait(value: str) -> float | None:
+    try:
+        wait = parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
+        return None
+    # A date up to an hour past is a wait already over (the clocks disagree); further is nonsense.
+    return max(wait, 0.0) if -MAX_RETRY_AFTER_S <= wait <= MAX_RETRY_AFTER_S else None
 
 
 def retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """Seconds the provider asked us to wait (`retry-after-ms`, `retry-after` seconds or date)."""
+    """Seconds the provider asked us to wait (`retry-after-ms`, else `retry-after` in seconds or as
+    an HTTP date); None when it said nothing usable: absent, not a finite number, outside
+    0..MAX_RETRY_AFTER_S, or not a date."""
     ms = headers.get("retry-after-ms")
     if ms:
-        try:
-            return max(float(ms) / 1000, 0.0)
-        except ValueError:
-            pass
+        wait = _seconds(ms, 1000.0)
+        if wait is not None:
+            return wait
     value = headers.get("retry-after")
     if not value:
         return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - time.time(), 0.0)
+    wait = _seconds(value)
+    return wait if wait is not None else _date_wait(value)
 
 
 def error_for_status(label: str, status: int, headers: Mapping[str, str]) -> ProviderError:
     """The contract's error for a provider's final non-2xx answer; never its body or our key."""
     if status == 429:
         wait = retry_after_s(headers)
+        if wait is not None:
+            retry_after: int | None = max(1, math.ceil(wait))
+        elif "retry-after" in headers or "retry-after-ms" in headers:
+            retry_after = DEFAULT_RETRY_AFTER_S  # it said something, but nothing a client can use
+        else:
+            retry_after = None
         return UpstreamRateLimited(
-            f"{label} is rate limiting requests; try again later",
-            retry_after=max(1, math.ceil(wait)) if wait is not None else None,
+            f"{label} is rate limiting requests; try again later", retry_after=retry_after
         )
     if status in (401, 403):
         return UpstreamError(f"{label} refused the server's credentials (HTTP {status})")
@@ -134,7 +181,7 @@ def _should_retry(resp: Response) -> bool:
 
 
 def _backoff(attempt: int, retry_after: float | None) -> float:
-    if retry_after is not None and 0 < retry_after <= _MAX_RETRY_AFTER_S:
+    if retry_after is not None and 0 < retry_after <= _MAX_RETRY_WAIT_S:
         return retry_after
     return min(0.5 * 2**attempt, 8.0) * (1 - 0.25 * random.random())  # jitter, not crypto
 
@@ -145,7 +192,7 @@ class RawStream:
     `next()` waits for the next network read and returns its text deltas; `ready()` returns what
     has already arrived without waiting. Waiting is cancellation-safe: the connection keeps bytes
     that arrive while nobody reads (`http_client.py`), so the relay can wait with a deadline (heartbeats)
-    and read on.
+    and read on. Each read counts against `MAX_STREAM_BYTES` and `MAX_STREAM_S` (module docstring).
     """
 
     def __init__(
@@ -160,6 +207,8 @@ class RawStream:
         self._label = label
         self._map_event_error = map_event_error
         self._error: ProviderError | None = None  # raised by the next next(), after the deltas before it
+        self._bytes_left = MAX_STREAM_BYTES
+        self._deadline = time.monotonic() + MAX_STREAM_S
         self.finished = False
         self.finish_reason = "stop"
         self.input_tokens = 0
@@ -170,6 +219,13 @@ class RawStream:
         return self._error is not None
 
     def _consume(self, data: bytes) -> list[str]:
+        self._bytes_left -= len(data)
+        if self._bytes_left < 0 or time.monotonic() > self._deadline:
+            # What came past a bound is refused, and the provider stops generating now.
+            what = "sent more" if self._bytes_left < 0 else "took longer"
+            self._error = UpstreamError(f"{self._label} {what} than the server accepts for one answer")
+            self._resp.close()
+            return []
         parser = self._parser
         try:
             deltas = parser.feed(data)
@@ -263,11 +319,12 @@ class HttpProvider:
     async def complete(self, chat: ChatInput) -> Completion:
         resp = await self.http.post(self.path, self._body(chat, stream=False))
         try:
+            # Cut short (a break, the route's timeout, a cancel), the read closes the connection
+            # itself: the provider stops generating an answer nobody will read.
             raw = await resp.read()
         except (TransportError, OSError):
             raise UpstreamError(f"The connection to {self.label} broke while reading its answer") from None
-        finally:
-            resp.release()
+        resp.release()
         try:
             return self._completion(raw)
         except (msgspec.DecodeError, IndexError, KeyError):
