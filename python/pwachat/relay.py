@@ -78,10 +78,14 @@ def reader_gone(receive: Any) -> asyncio.Task[None]:
 
 
 def abandon(opening: asyncio.Task[ProviderStream]) -> None:
-    """The reader has gone before the provider's head arrived: cancel the provider request now
-    (cancelling the task closes its connection). The one place that decides what happens to a
-    request nobody reads any more: a grace period for resumable streams goes here."""
-    opening.cancel()
+    """The reader has gone before the stream was committed: cancel the provider request now
+    (cancelling the task closes its connection; a stream that has just opened is closed). The one
+    place that decides what happens to a request nobody reads any more: a grace period for
+    resumable streams goes here."""
+    if not opening.done():
+        opening.cancel()
+    elif not opening.cancelled() and opening.exception() is None:
+        opening.result().abort()  # the head arrived just as the reader left
 
 
 async def _no_answer(scope: Any, receive: Any, send: Any) -> None:
