@@ -221,3 +221,136 @@ def test_cli_prints_one_line_and_exits_non_zero(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "RATELIMIT_PER_MINUTE" in err
     assert "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# URL-shaped settings are parsed in full at start-up, as their clients will parse them
+# --------------------------------------------------------------------------------------------
+
+BAD_URLS = [
+    # REDIS_URL: what redis-py would only trip over in a worker, after start-up
+    ("REDIS_URL", "redis://127.0.0.1:notaport/0"),
+    ("REDIS_URL", "redis://127.0.0.1:99999/0"),
+    ("REDIS_URL", "redis://127.0.0.1:0/0"),
+    ("REDIS_URL", "redis://[::1/0"),
+    ("REDIS_URL", "redis://:hunter2-secret@/0"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/abc"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/-1"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/0/1"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/0?db=x"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/0?foo=1"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/0?socket_timeout=soon"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/0?protocol=9"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/0?ssl_cert_reqs=none"),  # a TLS option on plain TCP
+    ("REDIS_URL", "redis://127.0.0.1:6379/0?retry=3"),
+    ("REDIS_URL", "rediss://cache.example:6380/0?ssl_cert_reqs=sometimes"),
+    ("REDIS_URL", "rediss://:hunter2-secret@cache.example:port/0"),
+    ("REDIS_URL", "unix://"),
+    ("REDIS_URL", "unix:///run/redis.sock?db=zero"),
+    # the providers' base URLs: the port must parse, a host must be there
+    ("OPENAI_BASE_URL", "http://127.0.0.1:notaport/v1"),
+    ("OPENAI_BASE_URL", "https://llm.example:70000/v1"),
+    ("OPENAI_BASE_URL", "http://:8080/v1"),
+    ("OPENAI_BASE_URL", "http://[::1/v1"),
+    ("ANTHROPIC_BASE_URL", "https://user:hunter2-secret@llm.example:port"),
+    ("ANTHROPIC_BASE_URL", "https://:443"),
+    # origins: scheme://host[:port] and nothing else
+    ("CORS_ORIGINS", "https://a.example:notaport"),
+    ("CORS_ORIGINS", "https://a.example, https://b.example:99999"),
+    ("CORS_ORIGINS", "https://user:hunter2-secret@a.example"),
+    ("CORS_ORIGINS", "https://:8443"),
+    ("CORS_ORIGINS", "https://a.example?x=1"),
+    ("CORS_ORIGINS", "https://a.example/#top"),
+    ("CORS_ORIGINS", "https://[::1"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_URLS, ids=[f"{n}={v}" for n, v in BAD_URLS])
+def test_malformed_url_stops_start_up_naming_only_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(**{name: value})
+    message = str(info.value)
+    assert message.startswith(f"{name}: ")
+    assert "\n" not in message and len(message) < 300
+    # Never the value, nor a piece of it: it may carry a password.
+    for piece in ("hunter2", "notaport", "99999", "70000", "abc", "soon", "sometimes", "zero", "foo"):
+        assert piece not in message, message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "redis://localhost",
+        "redis://localhost:6379",
+        "redis://localhost:6379/",
+        "redis://localhost:6379/15",
+        "redis://user:p%40ss@localhost:6379/0",
+        "redis://[::1]:6379/0",
+        "redis://localhost/0?socket_timeout=1.5&protocol=3&client_name=pwachat",
+        "redis://localhost?db=3",
+        "rediss://cache.example:6380/0?ssl_cert_reqs=none",
+        "unix:///run/redis.sock",
+        "unix:///run/redis.sock?db=2&password=x",
+    ],
+)
+def test_redis_urls_redis_py_accepts_are_accepted(value: str) -> None:
+    assert load(REDIS_URL=value).redis_url == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["http://127.0.0.1:8080/v1", "https://llm.example/v1?api-version=2024-10-21", "http://[::1]:11434/v1"],
+)
+def test_good_base_urls_are_kept(value: str) -> None:
+    assert load(OPENAI_BASE_URL=value, ANTHROPIC_BASE_URL=value + "/").openai_base_url == value
+
+
+def test_origins_are_kept_as_browsers_send_them() -> None:
+    s = load(CORS_ORIGINS="HTTPS://App.Example:443/, http://localhost:5173, https://[::1]:8443, *")
+    assert s.cors_origins == ("https://app.example", "http://localhost:5173", "https://[::1]:8443", "*")
+
+
+BAD_AT_SERVE = [
+    ("REDIS_URL", "redis://127.0.0.1:notaport/0"),
+    ("REDIS_URL", "redis://:hunter2@127.0.0.1:6379/0?foo=1"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/0?db=x"),
+    ("OPENAI_BASE_URL", "http://127.0.0.1:notaport/v1"),
+]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("name", "value"), BAD_AT_SERVE, ids=[f"{n}={v}" for n, v in BAD_AT_SERVE])
+def test_pwachat_serve_refuses_a_malformed_url_in_one_line(tmp_path: Path, name: str, value: str) -> None:
+    import subprocess
+
+    from server import PWACHAT, clean_env, free_port
+
+    env = clean_env(**{name: value, "PORT": str(free_port()), "LOG_FILE": str(tmp_path / "app.log")})
+    if name == "OPENAI_BASE_URL":
+        env["OPENAI_API_KEY"] = "sk-test"
+    done = subprocess.run(
+        [*PWACHAT, "serve"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=20
+    )
+    assert done.returncode == 2, (done.stdout[-2000:], done.stderr[-2000:])
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and name in lines[0], done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert "hunter2" not in done.stderr + done.stdout
+    assert "notaport" not in done.stderr
+
+
+@pytest.mark.e2e
+def test_pwachat_serve_refuses_a_log_file_it_cannot_open_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+
+    from server import PWACHAT, clean_env, free_port
+
+    (tmp_path / "not-a-dir").write_text("")
+    env = clean_env(PORT=str(free_port()), LOG_FILE=str(tmp_path / "not-a-dir" / "app.log"))
+    done = subprocess.run(
+        [*PWACHAT, "serve"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=20
+    )
+    assert done.returncode == 2, (done.stdout[-2000:], done.stderr[-2000:])
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "LOG_FILE" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr + done.stdout

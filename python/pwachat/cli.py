@@ -38,7 +38,15 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
 
     from pwachat.logging import setup_logging
 
-    setup_logging(settings)
+    try:
+        setup_logging(settings)
+    except OSError as err:
+        # The path is no secret, but the reason is what helps: "Permission denied", "Not a directory".
+        print(
+            f"pwachat: configuration error: LOG_FILE: cannot open it for appending ({err.strerror})",
+            file=sys.stderr,
+        )
+        return 2
     from pwachat import sdk_config
 
     try:

@@ -6,13 +6,15 @@ whose message is one line naming the variable, which the CLI prints before exiti
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import os
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 import msgspec
 from dotenv import dotenv_values
@@ -230,20 +232,26 @@ class _Reader:
         text = self.str(name)
         if text is None:
             return None
-        parts = urlsplit(text)
+        # Never echoed: a URL may carry credentials.
+        parts = _split(name, text)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            # Not echoed: a URL may carry credentials.
             raise ConfigError(f"{name}: expected an http(s) URL like https://host/v1, got a malformed value")
+        _port(name, parts)
+        if not parts.hostname:
+            raise ConfigError(f"{name}: the URL has no host name")
         return text.rstrip("/")
 
     def redis_url(self, name: str) -> str:
         text = self.str(name) or "memory://"
-        scheme, sep, rest = text.partition("://")
-        if text == "memory://" or (sep and scheme in REDIS_SCHEMES and rest):
+        if text == "memory://":
             return text
-        raise ConfigError(
-            f"{name}: expected memory://, redis://, rediss:// or unix:// URL, got a malformed value"
-        )
+        scheme, sep, _ = text.partition("://")
+        if not sep or scheme not in REDIS_SCHEMES:
+            raise ConfigError(
+                f"{name}: expected memory://, redis://, rediss:// or unix:// URL, got a malformed value"
+            )
+        _check_redis_url(name, text)
+        return text
 
     def networks(self, name: str) -> tuple[str, ...]:
         out = []
@@ -256,12 +264,100 @@ class _Reader:
 
     def origins(self, name: str) -> tuple[str, ...]:
         out = []
-        for item in self.list(name):
+        for n, item in enumerate(self.list(name), 1):
             if item == "*":
                 out.append(item)
                 continue
-            parts = urlsplit(item)
-            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
-                raise ConfigError(f"{name}: {item!r} is not an origin like https://chat.example.com")
-            out.append(f"{parts.scheme}://{parts.netloc}")
+            # The item is not echoed (it might hold credentials by mistake); its place in the list is.
+            bad = ConfigError(f"{name}: item {n} is not an origin like https://chat.example.com")
+            try:
+                parts = urlsplit(item)
+                port = parts.port
+            except ValueError:
+                raise bad from None
+            host = parts.hostname
+            if (
+                parts.scheme not in ("http", "https")
+                or not host
+                or "@" in parts.netloc
+                or parts.path not in ("", "/")
+                or "?" in item
+                or "#" in item
+                or port == 0
+            ):
+                raise bad
+            # As a browser sends it in `Origin`: lower case, no default port.
+            host = f"[{host}]" if ":" in host else host
+            default = 443 if parts.scheme == "https" else 80
+            out.append(f"{parts.scheme}://{host}" + ("" if port in (None, default) else f":{port}"))
         return tuple(out)
+
+
+def _split(name: str, text: str) -> SplitResult:
+    try:
+        return urlsplit(text)
+    except ValueError:  # an unbalanced [ in an IPv6 host
+        raise ConfigError(f"{name}: the URL is malformed (an unbalanced [ or ] around the host)") from None
+
+
+def _port(name: str, parts: SplitResult) -> int | None:
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ConfigError(f"{name}: the port is not a number between 1 and 65535")
+    return port
+
+
+def _check_redis_url(name: str, text: str) -> None:
+    """Parse `text` as redis-py will when the limiter starts (pwachat/redis_limiter.py), and build
+    one of its connections, without connecting: a URL that would only fail in a worker, after
+    start-up, fails here with one line instead. Nothing of the URL is quoted back."""
+    parts = _split(name, text)
+    _port(name, parts)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"{name}: a unix:// URL needs the socket path, like unix:///run/redis.sock")
+    else:
+        if not parts.hostname:
+            raise ConfigError(f"{name}: the URL has no host name, like redis://localhost:6379/0")
+        # redis-py reads the path as the database number and silently ignores one it cannot read.
+        if not re.fullmatch(r"/?(\d+/?)?", unquote(parts.path)):
+            raise ConfigError(f"{name}: the path must be the database number, like /0")
+
+    from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS, ConnectionPool
+
+    query = parse_qs(parts.query)  # as redis-py reads it: the first value of each name
+    for option, values in query.items():
+        parse = URL_QUERY_ARGUMENT_PARSERS.get(option)
+        try:
+            if parse is not None:
+                parse(values[0])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: the {option} option has a value redis-py cannot read") from None
+    try:
+        pool = ConnectionPool.from_url(text)
+    except Exception:  # whatever redis-py makes of the URL, it must not start
+        raise ConfigError(f"{name}: redis-py cannot use this URL") from None
+    known = _redis_options(pool.connection_class)
+    for n, option in enumerate(query, 1):
+        if option not in known:
+            # Named by its place, not its name: the name is part of the value, which is not echoed.
+            raise ConfigError(f"{name}: query option {n} is not one redis-py takes for {parts.scheme}://")
+    try:
+        pool.make_connection()  # builds the connection object (what the limiter does); no I/O
+    except Exception:
+        raise ConfigError(f"{name}: a query option has a value redis-py cannot use") from None
+
+
+def _redis_options(connection_class: type) -> frozenset[str]:
+    """The keyword arguments a redis-py connection of that class (and its pool) takes: the query
+    options it knows."""
+    from redis.asyncio.connection import ConnectionPool
+
+    names = set(inspect.signature(ConnectionPool).parameters)
+    for cls in connection_class.__mro__:
+        if "__init__" in vars(cls):
+            names.update(inspect.signature(cls.__init__).parameters)
+    return frozenset(names - {"self", "kwargs", "connection_kwargs", "connection_class"})
