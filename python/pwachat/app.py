@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await limiter.aclose()
 
     app = Litestar(
-        route_handlers=[api_router(), pages_router()],
+        route_handlers=[api_router(settings), pages_router()],
         lifespan=[lifespan],
         exception_handlers=exception_handlers,
         request_max_body_size=settings.max_body_bytes,
@@ -62,8 +62,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
             version=__version__,
             path="/api/schema",
             render_plugins=[JsonRenderPlugin()],
+            # Not in the document itself: Litestar would list the schema's own paths with the
+            # wrong media types (and a catch-all that answers only 404s).
             openapi_router=Router(
-                "/api/schema", route_handlers=[], after_request=_schema_404_as_json, guards=[token_guard]
+                "/api/schema",
+                route_handlers=[],
+                after_request=_schema_404_as_json,
+                guards=[token_guard],
+                include_in_schema=False,
             ),
         ),
         debug=False,

@@ -12,11 +12,14 @@ answer through `send_error` / `error_response`.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, MethodNotAllowedException
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Example, OpenAPIHeader, OpenAPIResponse, OpenAPIType, Operation, Schema
 
 from pwachat._native import PanicException, SanitizeError, SseFieldError, UpstreamFormatError
 
@@ -49,6 +52,7 @@ __all__ = [
     "UpstreamRateLimited",
     "UpstreamTimeout",
     "as_api_error",
+    "documented",
     "error_body",
     "error_response",
     "exception_handlers",
@@ -277,3 +281,104 @@ def _litestar_handler(request: Request[Any, Any, Any], exc: Exception) -> Respon
 
 
 exception_handlers: dict[int | type[Exception], Any] = {Exception: _litestar_handler}
+
+
+# -- the OpenAPI document ---------------------------------------------------------------------------
+# What each route may answer, written from the catalogue: `documented(...)` on a route decorator
+# gives one envelope response per status with its codes and messages, and the headers of every
+# answer. Litestar 2 documents headers only on the 200 (`response_headers`) and a `ResponseSpec`
+# has none, so the operation class that `documented` makes adds them to each response.
+
+_RATE_LIMIT_HEADERS = {
+    "X-RateLimit-Limit": ("Requests allowed in the tightest window", 1),
+    "X-RateLimit-Remaining": ("Requests left in the tightest window", 0),
+    "X-RateLimit-Reset": ("Seconds until the tightest window admits one more request (0: it has room)", 0),
+    "RateLimit-Policy": ('The three windows, e.g. `"minute";q=10;w=60, "hour";q=100;w=3600, ...`', None),
+    "RateLimit": ('The tightest window, e.g. `"minute";r=7;t=41`', None),
+}
+_HEADERS: dict[str, tuple[str, int | None]] = {
+    "X-Request-ID": ("The request's id (a valid client-sent one is echoed); also in the error body", None),
+    "Retry-After": ("Whole seconds to wait before trying again", 1),
+    "WWW-Authenticate": ("`Bearer`", None),
+    **_RATE_LIMIT_HEADERS,
+}
+
+#: The headers an error's answer carries besides X-Request-ID: always (True) or when known (False).
+_CARRIES: dict[type[ApiError], dict[str, bool]] = {
+    Unauthorized: {"WWW-Authenticate": True},
+    RateLimited: {"Retry-After": True, **dict.fromkeys(_RATE_LIMIT_HEADERS, True)},
+    BudgetExceeded: {"Retry-After": True},
+    ShuttingDown: {"Retry-After": True},
+    UpstreamRateLimited: {"Retry-After": False},
+}
+
+
+def _header_doc(name: str, required: bool) -> OpenAPIHeader:
+    description, minimum = _HEADERS[name]
+    if minimum is None:
+        schema = Schema(type=OpenAPIType.STRING)
+        if name == "X-Request-ID":
+            schema.pattern = "^[A-Za-z0-9._:-]{1,128}$"
+    else:
+        schema = Schema(type=OpenAPIType.INTEGER, minimum=minimum)
+    return OpenAPIHeader(schema=schema, description=description, required=required)
+
+
+def _headers_of(carried: list[dict[str, bool]]) -> dict[str, OpenAPIHeader]:
+    """The headers of one status whose answers carry these: required where every answer always does."""
+    names = dict.fromkeys(["X-Request-ID", *(name for c in carried for name in c)])
+    return {
+        name: _header_doc(name, name == "X-Request-ID" or all(c.get(name, False) for c in carried))
+        for name in names
+    }
+
+
+@dataclass
+class _Operation(Operation):
+    headers: ClassVar[dict[str, dict[str, OpenAPIHeader]]] = {}  # status -> name -> header
+
+    def __post_init__(self) -> None:
+        for status, response in (self.responses or {}).items():
+            if isinstance(response, OpenAPIResponse) and status in self.headers:
+                response.headers = {**(response.headers or {}), **self.headers[status]}
+
+
+def _example(cls: type[ApiError]) -> Example:
+    value = {
+        "error": {"code": cls.code, "message": cls.default_message, "request_id": "4f1c0a9e2b7d6c3a5e8f0b1d"}
+    }
+    return Example(summary=f"{cls.code}: {cls.default_message}", value=value)
+
+
+def documented(
+    *errors: type[ApiError], rate_limited: bool = False, ok: ResponseSpec | None = None
+) -> dict[str, Any]:
+    """`responses` and `operation_class` for a route decorator that may answer `errors` (and
+    `internal_error`, which anything may): one `ErrorBody` response per status, listing its codes,
+    and the headers of each answer. With `rate_limited`, the answers given once the limit has
+    admitted the request (the 200 and a provider's failure) carry the rate-limit headers too. `ok`
+    describes the 200 of a handler whose return annotation does not (a raw ASGI answer)."""
+    by_status: dict[int, list[type[ApiError]]] = {}
+    for cls in dict.fromkeys((*errors, InternalError)):
+        by_status.setdefault(cls.status, []).append(cls)
+    admitted = dict.fromkeys(_RATE_LIMIT_HEADERS, True) if rate_limited else {}
+
+    def carried(cls: type[ApiError]) -> dict[str, bool]:
+        after_limit = rate_limited and issubclass(cls, ProviderError)
+        return {**(admitted if after_limit else {}), **_CARRIES.get(cls, {})}
+
+    responses = {
+        status: ResponseSpec(
+            data_container=ErrorBody,
+            generate_examples=False,
+            description=" ".join(f"`{cls.code}`: {cls.default_message}." for cls in classes),
+            examples=[_example(cls) for cls in classes],
+        )
+        for status, classes in sorted(by_status.items())
+    }
+    if ok is not None:
+        responses = {200: ok, **responses}
+    headers = {"200": _headers_of([admitted])}
+    headers |= {str(s): _headers_of([carried(cls) for cls in classes]) for s, classes in by_status.items()}
+    operation = type("DocumentedOperation", (_Operation,), {"headers": headers})
+    return {"responses": responses, "operation_class": operation}

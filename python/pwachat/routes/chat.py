@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 from litestar import Request, post
 from litestar.di import Provide
+from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ASGIApp
 
@@ -27,20 +28,30 @@ from pwachat.auth import authorize
 from pwachat.errors import (
     ApiError,
     ErrorDetail,
+    HttpsRequired,
     InvalidJson,
     InvalidRequest,
     PayloadTooLarge,
+    ProviderNotConfigured,
+    RateLimited,
     RequestTimeout,
+    Unauthorized,
+    UnknownModel,
+    UnknownProvider,
     UnsupportedMediaType,
+    UpstreamError,
+    UpstreamRateLimited,
+    documented,
 )
 from pwachat.forwarded import client_ip
 from pwachat.providers import ChatInput, Provider, ProviderError, UpstreamTimeout
 from pwachat.ratelimit import caller_key, rate_limit_headers, refusal
 from pwachat.relay import NO_ANSWER, EventStream, abandon, open_upstream, reader_gone
-from pwachat.schemas import ChatRequest, ChatResponse, Usage
+from pwachat.schemas import ChatRequest, ChatResponse, Usage, chat_request_document, stream_event_document
 from pwachat.services import Services
+from pwachat.settings import Settings
 
-__all__ = ["HOT_ROUTES", "chat", "chat_stream"]
+__all__ = ["HOT_ROUTES", "chat_routes"]
 
 _decode_request = msgspec.json.Decoder(ChatRequest).decode
 _encode = msgspec.json.Encoder().encode
@@ -219,14 +230,6 @@ def _with_headers(err: ApiError, headers: list[tuple[bytes, bytes]]) -> ApiError
     return err
 
 
-def _chat_body_schema(data: ChatRequest) -> None:  # pragma: no cover - never called
-    """Never resolved: it only shows the OpenAPI generator the request body, which the handlers
-    decode themselves (to keep the contract's order of checks and error codes)."""
-
-
-_schema_only = {"_chat_body": Provide(_chat_body_schema, sync_to_thread=False)}
-
-
 class JsonAnswer:
     """A finished 200 JSON answer as a bare ASGI app: the hot routes skip Litestar's Response."""
 
@@ -312,30 +315,70 @@ HOT_ROUTES: dict[str, Callable[[Any, Any, Services], Awaitable[RawApp]]] = {
 
 
 # The Litestar handlers: the routes' declaration for the OpenAPI document, and the same functions
-# as the fast path for requests that reach the router (another spelling of the path).
-@post(
-    "/chat",
-    dependencies=_schema_only,
-    summary="Chat (one JSON answer)",
-    status_code=200,
-    responses={200: ResponseSpec(data_container=ChatResponse, description="The provider's whole answer")},
-)
+# as the fast path for requests that reach the router (another spelling of the path). Declared per
+# app (`chat_routes`), so that the document's request body carries that app's limits.
 async def chat(request: Request[Any, Any, Any]) -> ASGIApp:
     return await answer_chat(request.scope, request.receive, request.app.state.services)
 
 
-@post(
-    "/chat/stream",
-    dependencies=_schema_only,
-    summary="Chat (Server-Sent Events)",
-    status_code=200,
-    responses={
-        200: ResponseSpec(
-            data_container=str,
-            media_type="text/event-stream",
-            description="`start`, then `delta` events as the provider sends text, then `done` or `error`",
-        )
-    },
-)
 async def chat_stream(request: Request[Any, Any, Any]) -> ASGIApp:
     return await answer_stream(request.scope, request.receive, request.app.state.services)
+
+
+#: What the edge, `prepare` and the provider may answer instead of the 200, in the contract's order.
+CHAT_ERRORS = (
+    HttpsRequired,  # production, over plain HTTP
+    UnsupportedMediaType,
+    PayloadTooLarge,
+    Unauthorized,
+    RequestTimeout,
+    InvalidJson,
+    InvalidRequest,
+    UnknownProvider,
+    UnknownModel,
+    RateLimited,
+    ProviderNotConfigured,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+)
+
+
+def _body_declared_as(annotation: Any) -> Provide:
+    def declared(data: Any) -> None:  # pragma: no cover - never called
+        """Never resolved: it only shows the OpenAPI generator the request body, which the handlers
+        decode themselves (to keep the contract's order of checks and error codes)."""
+
+    declared.__annotations__ = {"data": annotation, "return": None}
+    return Provide(declared, sync_to_thread=False)
+
+
+def chat_routes(settings: Settings) -> list[HTTPRouteHandler]:
+    """POST /chat and /chat/stream as Litestar handlers, with `settings`' limits in the document."""
+    # A `Provide` of this app's own: Litestar keeps what it parsed of a dependency on it.
+    body = {"_chat_body": _body_declared_as(chat_request_document(settings))}
+    answer = ResponseSpec(
+        data_container=ChatResponse, generate_examples=False, description="The provider's whole answer"
+    )
+    events = ResponseSpec(
+        data_container=stream_event_document(),
+        generate_examples=False,
+        media_type="text/event-stream",
+        description="`start`, then `delta` events as the provider sends text, then `done` or `error`",
+    )
+    return [
+        post(
+            "/chat",
+            dependencies=body,
+            summary="Chat (one JSON answer)",
+            status_code=200,
+            **documented(*CHAT_ERRORS, rate_limited=True, ok=answer),
+        )(chat),
+        post(
+            "/chat/stream",
+            dependencies=body,
+            summary="Chat (Server-Sent Events)",
+            status_code=200,
+            **documented(*CHAT_ERRORS, rate_limited=True, ok=events),
+        )(chat_stream),
+    ]

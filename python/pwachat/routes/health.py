@@ -9,7 +9,7 @@ from litestar import get
 from litestar.datastructures import State
 
 from pwachat import __version__
-from pwachat.errors import ProviderNotConfigured
+from pwachat.errors import ProviderNotConfigured, documented
 from pwachat.relay import open_streams
 from pwachat.schemas import HealthResponse, ProviderHealth, RateLimitHealth, RuntimeHealth, StatusResponse
 from pwachat.services import Services
@@ -17,7 +17,7 @@ from pwachat.services import Services
 __all__ = ["health", "live", "ready"]
 
 
-@get("/health", summary="Health and configuration summary")
+@get("/health", summary="Health and configuration summary", **documented())
 async def health(state: State) -> HealthResponse:
     svc: Services = state.services
     settings = svc.settings
@@ -40,12 +40,16 @@ async def health(state: State) -> HealthResponse:
     )
 
 
-@get("/health/live", summary="Liveness: the process serves")
+@get("/health/live", summary="Liveness: the process serves", **documented())
 async def live() -> StatusResponse:
     return StatusResponse("ok")
 
 
-@get("/health/ready", summary="Readiness: at least one provider can serve")
+@get(
+    "/health/ready",
+    summary="Readiness: at least one provider can serve",
+    **documented(ProviderNotConfigured),
+)
 async def ready(state: State) -> StatusResponse:
     svc: Services = state.services
     if not svc.providers.serving:

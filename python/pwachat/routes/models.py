@@ -8,6 +8,7 @@ from litestar import Request, get
 from litestar.datastructures import State
 
 from pwachat.auth import authorize
+from pwachat.errors import Unauthorized, documented
 from pwachat.providers import LABELS
 from pwachat.schemas import ModelInfo, ModelsResponse
 from pwachat.services import Services
@@ -15,7 +16,7 @@ from pwachat.services import Services
 __all__ = ["models"]
 
 
-@get("/models", summary="Providers and models offered")
+@get("/models", summary="Providers and models offered", **documented(Unauthorized))
 async def models(request: Request[Any, Any, Any], state: State) -> ModelsResponse:
     svc: Services = state.services
     authorize(request.scope, svc)

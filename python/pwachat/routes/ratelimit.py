@@ -8,6 +8,7 @@ from litestar import Request, Response, get
 from litestar.datastructures import State
 
 from pwachat.auth import authorize
+from pwachat.errors import Unauthorized, documented
 from pwachat.forwarded import client_ip
 from pwachat.ratelimit import caller_key
 from pwachat.schemas import RateLimitResponse, WindowCounts
@@ -16,7 +17,11 @@ from pwachat.services import Services
 __all__ = ["rate_limit"]
 
 
-@get("/rate-limit", summary="The caller's rate-limit state (not itself limited)")
+@get(
+    "/rate-limit",
+    summary="The caller's rate-limit state (not itself limited)",
+    **documented(Unauthorized),
+)
 async def rate_limit(request: Request[Any, Any, Any], state: State) -> Response[RateLimitResponse]:
     svc: Services = state.services
     token = authorize(request.scope, svc)
