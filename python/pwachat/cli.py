@@ -18,6 +18,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default: HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default: PORT or 5000)")
     serve.add_argument("--workers", type=int, help="worker processes (default: WORKERS or 1)")
+    serve.add_argument(
+        "--max-concurrency",
+        type=int,
+        help="requests one worker serves at once, held streams included (default: MAX_CONCURRENCY or 4096)",
+    )
     serve.add_argument("--reload", action="store_true", help="restart on code changes (development)")
     return parser
 
@@ -59,8 +64,9 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = args.port or settings.port
     workers = args.workers or settings.workers
-    if port < 1 or port > 65535 or workers < 1:
-        print("pwachat: --port must be 1..65535 and --workers >= 1", file=sys.stderr)
+    concurrency = args.max_concurrency or settings.max_concurrency
+    if port < 1 or port > 65535 or workers < 1 or concurrency < 1:
+        print("pwachat: --port must be 1..65535, --workers and --max-concurrency >= 1", file=sys.stderr)
         return 2
     Granian(
         "pwachat.app:create_app_from_env",
@@ -72,6 +78,11 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         address=host,
         port=port,
         workers=workers,
+        # Granian serves at most `backpressure` requests per worker at once (its default, the
+        # backlog, would cap a worker at 1,024 held streams); the listen backlog, shared by the
+        # workers, holds what waits beyond that (the kernel caps it at net.core.somaxconn).
+        backpressure=concurrency,
+        backlog=min(max(1024, concurrency * workers), 65535),
         reload=args.reload,
         log_access=False,
         log_level=settings.log_level.lower(),

@@ -74,6 +74,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     sse_heartbeat_s: float = 15.0
     upstream_max_retries: int = 2
     request_body_timeout_s: float = 10.0
+    #: How many requests one worker serves at once, held streams included (Granian's backpressure);
+    #: past it, connections wait in the listen backlog.
+    max_concurrency: int = 4096
 
     log_level: str = "INFO"
     log_file: str | None = "logs/app.log"
@@ -151,6 +154,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             sse_heartbeat_s=r.float("SSE_HEARTBEAT_S", 15.0, lo=0.001),
             upstream_max_retries=r.int("UPSTREAM_MAX_RETRIES", 2, lo=0, hi=10),
             request_body_timeout_s=r.float("REQUEST_BODY_TIMEOUT_S", 10.0, lo=0.001),
+            max_concurrency=r.int("MAX_CONCURRENCY", 4096, lo=1, hi=1_000_000),
             log_level=r.choice("LOG_LEVEL", LOG_LEVELS, "INFO", upper=True) or "INFO",
             log_file=r.raw("LOG_FILE", "logs/app.log") or None,
             provider_sdk_config=r.raw("PWACHAT_SDK_CONFIG") or None,
