@@ -32,9 +32,13 @@ from server import start_server, stop_server
 HERE = Path(__file__).resolve().parent
 SCHEMATHESIS = [sys.executable, "-m", "schemathesis.cli"]
 MAX_EXAMPLES = 300  # per operation; the whole run takes about 10 s on 2 cores
+# High limits: a 429 is documented where it applies, but a run dominated by them tests nothing else.
+HIGH_LIMITS = {f"RATELIMIT_PER_{w}": "1000000" for w in ("MINUTE", "HOUR", "DAY")}
 
 
-def _schemathesis(port: int, cwd: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+def _schemathesis(
+    port: int, cwd: Path, *extra: str, max_examples: int = MAX_EXAMPLES
+) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
     run = subprocess.run(
         [
@@ -45,7 +49,7 @@ def _schemathesis(port: int, cwd: Path) -> tuple[subprocess.CompletedProcess[str
             "--checks",
             "all",
             "--max-examples",
-            str(MAX_EXAMPLES),
+            str(max_examples),
             # Deterministic: Hypothesis derandomised (no seed is used then, and no example database
             # is carried over from an earlier run), one worker (no interleaving).
             "--generation-deterministic",
@@ -56,6 +60,7 @@ def _schemathesis(port: int, cwd: Path) -> tuple[subprocess.CompletedProcess[str
             # The report shows the requests as sent (a field named `*tokens` is masked otherwise).
             "--output-sanitize",
             "false",
+            *extra,
         ],
         cwd=cwd,
         env={
@@ -72,24 +77,35 @@ def _schemathesis(port: int, cwd: Path) -> tuple[subprocess.CompletedProcess[str
     return run, time.monotonic() - started
 
 
-@pytest.mark.e2e
-def test_schemathesis_finds_no_failure(tmp_path: Path) -> None:
-    # High limits: a 429 is documented where it applies, but a run dominated by them tests nothing else.
-    server = start_server(
-        tmp_path,
-        ECHO_PROVIDER="on",
-        RATELIMIT_PER_MINUTE="1000000",
-        RATELIMIT_PER_HOUR="1000000",
-        RATELIMIT_PER_DAY="1000000",
-    )
-    try:
-        run, elapsed = _schemathesis(server.port, tmp_path)
-    finally:
-        stop_server(server)
+def _assert_no_issue(run: subprocess.CompletedProcess[str], elapsed: float) -> None:
     report = f"{run.stdout}\n{run.stderr}"
     print(f"schemathesis ran for {elapsed:.1f} s\n{report}")
     assert run.returncode == 0, report
     assert "No issues found" in run.stdout, report
+
+
+@pytest.mark.e2e
+def test_schemathesis_finds_no_failure(tmp_path: Path) -> None:
+    server = start_server(tmp_path, ECHO_PROVIDER="on", **HIGH_LIMITS)
+    try:
+        run, elapsed = _schemathesis(server.port, tmp_path)
+    finally:
+        stop_server(server)
+    _assert_no_issue(run, elapsed)
+
+
+@pytest.mark.e2e
+def test_schemathesis_with_api_tokens_finds_no_failure(tmp_path: Path) -> None:
+    """With API_TOKENS the document requires the bearer token where the server does: schemathesis
+    sends the token, and also leaves it out or spoils it, expecting a documented 401 (a route that
+    ignored the token would fail here)."""
+    server = start_server(tmp_path, ECHO_PROVIDER="on", API_TOKENS="st-token", **HIGH_LIMITS)
+    try:
+        auth = ("--header", "Authorization: Bearer st-token")
+        run, elapsed = _schemathesis(server.port, tmp_path, *auth, max_examples=50)
+    finally:
+        stop_server(server)
+    _assert_no_issue(run, elapsed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,6 +199,20 @@ def test_the_stream_documents_its_events(make_client) -> None:
     assert done["contentMediaType"] == "application/json"
     assert set(done["contentSchema"]["properties"]) == {"finish_reason", "usage"}
     assert "$ref" not in str(done["contentSchema"])  # inlined: resolvable where it stands
+
+
+def test_the_token_is_documented_where_it_is_needed(make_client) -> None:
+    doc = _document(make_client)
+    assert "securitySchemes" not in doc["components"]  # no API_TOKENS: nothing to send
+    client = make_client(API_TOKENS="alpha")
+    doc = client.get("/api/schema/openapi.json", headers={"Authorization": "Bearer alpha"}).json()
+    assert doc["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "One of API_TOKENS",
+    }
+    needs = {path for path, item in doc["paths"].items() for op in item.values() if op.get("security")}
+    assert needs == {"/api/models", "/api/chat", "/api/chat/stream", "/api/rate-limit"}
 
 
 def test_the_schema_does_not_list_its_own_paths(make_client) -> None:

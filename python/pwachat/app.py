@@ -11,6 +11,7 @@ from litestar import Litestar, Response, Router
 from litestar.exceptions import NotFoundException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.openapi.spec import Components
 
 from pwachat import __version__
 from pwachat.auth import token_guard
@@ -20,7 +21,7 @@ from pwachat.forwarded import ForwardedHeaders
 from pwachat.logging import setup_logging
 from pwachat.providers import build_providers
 from pwachat.ratelimit import create_backend, policy_header
-from pwachat.routes import api_router
+from pwachat.routes import BEARER_SCHEMES, api_router
 from pwachat.routes.chat import HOT_ROUTES
 from pwachat.routes.pages import pages_router
 from pwachat.services import Services
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             version=__version__,
             path="/api/schema",
             render_plugins=[JsonRenderPlugin()],
+            components=Components(security_schemes=BEARER_SCHEMES if settings.api_tokens else None),
             # Not in the document itself: Litestar would list the schema's own paths with the
             # wrong media types (and a catch-all that answers only 404s).
             openapi_router=Router(
