@@ -131,7 +131,10 @@ def test_log_lines_are_json_and_never_hold_chat_text(server: Server) -> None:
     assert (mine[0]["logger"], mine[0]["level"], mine[0]["msg"]) == ("pwachat.access", "INFO", "request")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", mine[0]["ts"])
     assert list(mine[0])[:4] == ["ts", "level", "logger", "msg"]
-    assert "log-check-1" in server.output()  # the same line on stdout
+    deadline = time.monotonic() + 10  # the same line on stdout (the writer thread's next write)
+    while "log-check-1" not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.02)  # polling with a deadline
+    assert "log-check-1" in server.output()
     assert MARKER not in log_file.read_text()
     assert MARKER not in server.output()
 
