@@ -10,33 +10,52 @@ How the pieces fit:
   counts into it (`sync`). Its counts can only lag the global ones, never lead them, so when it
   refuses, Redis would too: a key known to be over its limit is refused locally, with no round trip,
   until its window frees a slot. A flood from one key costs Redis nothing.
-- Redis unreachable (down at start-up, killed, too slow): every call is bounded by `REDIS_TIMEOUT_S`;
-  the first failure (a refused or broken connection, or `STRIKES` timeouts in a row) marks it down
-  (logged once) and from then on no request waits on it: the native
-  limiter alone decides, per process, and remembers what it admitted. A background task pings Redis;
-  once it answers, those admissions are added to Redis (an outage is no amnesty), the recovery is
-  logged once, and global limiting resumes.
+- Redis unusable (down at start-up, killed, too slow, or answering but refusing writes: a read-only
+  replica, an out-of-memory Redis): every call is bounded by `REDIS_TIMEOUT_S`; the first failure (a
+  refused or broken connection, a refused write, or `STRIKES` timeouts in a row, connecting
+  included) marks it down (logged once) and from then on no request waits on it: the native limiter
+  alone decides, per process, and remembers what it admitted. A background task probes Redis with a
+  real write through the check script; once that works, those admissions are added to Redis in
+  bounded batches, each applied exactly once (an outage is no amnesty, a lost answer no double
+  count), the recovery is logged once, and global limiting resumes.
+- A reply the limiter cannot use (a count out of range, not an integer, a list of the wrong length,
+  a caller's hash the script cannot read) is not an outage: that one check is decided locally and
+  the first such reply is logged.
+- Only checks and the health probe can mark Redis down: a flood of `/api/rate-limit` peeks or of
+  health checks through a busy event loop cannot fake an outage (peeks never count a strike; health
+  answers from what the last second showed and probes at most once a second).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import math
+import secrets
 import time
-from collections import Counter
+from collections import OrderedDict
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import (
+    InvalidResponse,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from pwachat._native import Decision, RateLimiter
 from pwachat.ratelimit import windows_of
 from pwachat.settings import Settings
 
-__all__ = ["REDIS_TIMEOUT_S", "RedisBackend"]
+__all__ = ["MAX_PENDING", "REDIS_TIMEOUT_S", "RedisBackend"]
 
 log = logging.getLogger("pwachat.ratelimit")
 
@@ -52,9 +71,20 @@ LOOP_LAG_S = 0.01
 WATCH_TICK_S = 0.01
 MAX_IDLE_CONNECTIONS = 32
 KEY_PREFIX = "pwachat:rl:"
-#: Admissions remembered for replay after an outage, as (key, second) counts; beyond this many
+#: Admissions remembered for replay after an outage, as (key, bucket) counts; beyond this many
 #: distinct pairs the oldest are dropped (memory bound over a very long outage).
 MAX_PENDING = 200_000
+#: Remembered (key, bucket) counts per replay call: up to ~2000 commands, about 2 ms of Redis and
+#: of this loop, between which requests are served.
+REPLAY_BATCH = 500
+#: How long one replay batch may take; past it the batch is sent again (under the same token) at the
+#: next reconnect attempt.
+REPLAY_TIMEOUT_S = 1.0
+#: How long health checks trust what the last answer from Redis showed.
+STATE_TTL_S = 1.0
+#: A check that always admits, on a window of 1 s: the probe's ARGV (it writes, so it proves writes).
+PROBE_ARGS = ("1", "1000000000", "1000")
+REPLAY_TOKEN_PREFIX = "pwachat:rlreplay:"  # noqa: S105 - a key name, not a secret
 
 # One hash per caller (KEYS[1]) with a field per window and bucket ("<window_ms>:<bucket>"), so a
 # check is a handful of commands whatever the number of windows: TIME and one HMGET, and when
@@ -123,8 +153,67 @@ return out
 """
 
 
+# Adds one batch of admissions made during an outage: KEYS[1] is the batch's token, KEYS[2..] the
+# callers' hashes; ARGV[1] the token's life and ARGV[2] the hashes' (ms), then for each hash a field
+# count n and n (field, increment) pairs. The token is written first and only if absent, so a batch
+# sent again (its answer lost or late) is not added twice, and a Redis refusing writes refuses the
+# whole batch. A hash the script cannot add to (someone else's data there) is skipped, not fatal.
+# Returns 1 when applied now, 0 when it had been already.
+REPLAY_LUA = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
+local a = 3
+for i = 2, #KEYS do
+  local n = tonumber(ARGV[a])
+  for j = a + 1, a + 2 * n, 2 do redis.pcall('HINCRBY', KEYS[i], ARGV[j], ARGV[j + 1]) end
+  redis.pcall('PEXPIRE', KEYS[i], ARGV[2])
+  a = a + 1 + 2 * n
+end
+return 1
+"""
+
+# The allowed flag of a check's reply; anything else is not a reply of the script's.
+_ALLOWED = {1: True, 0: False}
+
+
+class BadReply(Exception):
+    """An answer the limiter cannot use: malformed (not even RESP), counts out of range, or an
+    error about the caller's own hash (someone else's data there). Redis itself answered."""
+
+
+def _refuses_writes(err: BaseException) -> bool:
+    """A read-only replica or an out-of-memory Redis: it answers, but no check can consume."""
+    if isinstance(err, (ReadOnlyError, OutOfMemoryError)):
+        return True
+    if not isinstance(err, ResponseError):
+        return False
+    msg = str(err)
+    return msg.startswith(("OOM", "READONLY")) or "-OOM " in msg or "-READONLY " in msg
+
+
+def _about_the_key(err: ResponseError) -> bool:
+    """An error caused by what one caller's hash holds (a wrong type, a count the script cannot
+    compute with), not by Redis's state: redis-py strips the `ERR ` of a script's runtime error."""
+    if isinstance(err, NoScriptError) or _refuses_writes(err):
+        return False
+    return str(err).startswith(("WRONGTYPE", "user_script:", "Error running script"))
+
+
+def _why(err: BaseException) -> str:
+    if _refuses_writes(err):
+        return "refuses writes (a read-only replica, or out of memory)"
+    if isinstance(err, BadReply):
+        return "answers what the limiter cannot use"
+    if isinstance(err, (TimeoutError, RedisTimeoutError)):
+        return "does not answer in time"
+    return "unreachable"
+
+
 def _resp(*parts: str) -> bytes:
     return b"".join(b"$%d\r\n%s\r\n" % (len(p.encode()), p.encode()) for p in parts)
+
+
+def _bulk(b: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(b), b)
 
 
 def _packed_parts(sha: str, args: list[str]) -> tuple[bytes, bytes]:
@@ -135,7 +224,7 @@ def _packed_parts(sha: str, args: list[str]) -> tuple[bytes, bytes]:
 class RedisBackend:
     name = "redis"
 
-    def __init__(self, settings: Settings, max_keys: int = 100_000) -> None:
+    def __init__(self, settings: Settings, max_keys: int = 100_000, max_pending: int = MAX_PENDING) -> None:
         self.windows = windows_of(settings)
         self.limiter = RateLimiter(self.windows, max_keys=max_keys)
         self.redis = Redis.from_url(
@@ -148,6 +237,7 @@ class RedisBackend:
             health_check_interval=0,
         )
         self.sha = hashlib.sha1(CHECK_LUA.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+        self._replay_sha = hashlib.sha1(REPLAY_LUA.encode()).hexdigest()  # noqa: S324
         # The check's own connections: redis-py's Connection objects (URL, auth, TLS, RESP parsing
         # with hiredis), used one command at a time without the client and pool layers, which
         # cost more than the round trip itself (benches/test_bench_limits.py).
@@ -158,10 +248,25 @@ class RedisBackend:
         limits = [str(v) for q, w in self.windows for v in (q, w * 1000)]
         self._consume = _packed_parts(self.sha, ["1", *limits])
         self._peek = _packed_parts(self.sha, ["0", *limits])
+        # The probe's key is this process's own (and gone 2 s after its last probe): nobody else's
+        # data there can make it fail.
+        self._probe_key = "pwachat:rlprobe:" + secrets.token_hex(8)
         self.up = False
         self._timeouts = 0
         self._last_reply = 0.0
-        self.pending: Counter[tuple[str, int]] = Counter()
+        self._last_probe = -math.inf
+        self._bad_reply_logged = False
+        # Admissions made while Redis was down, for the replay: (key, bucket) -> count, in the order
+        # first seen, so the oldest is first (evicted and dropped in O(1)). A bucket is `_grain`
+        # seconds, the largest span inside one bucket of every window (their gcd), so an entry names
+        # one bucket of each window and nothing is lost by grouping.
+        self.max_pending = max_pending
+        self.pending: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self._window_s = [w for _, w in self.windows]
+        self._grain = math.gcd(*self._window_s)
+        self._longest = max(self._window_s)
+        # The batch being replayed, with its token, until Redis confirms it.
+        self._batch: tuple[str, list[tuple[tuple[str, int], int]]] | None = None
         self._reconnect: asyncio.Task[None] | None = None
         self._closing = False
         # Checks in flight: task -> [start, deadline] (loop time), those the watchdog timed out,
@@ -174,12 +279,24 @@ class RedisBackend:
         """Called once in the lifespan: a Redis that is down at start-up is an outage, not a crash."""
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_S * 4):
-                await self.redis.script_load(CHECK_LUA)
-        except (RedisError, OSError, TimeoutError):
-            self._mark_down("Redis unreachable at start-up; limiting per process until it answers")
+                await self._probe()
+        except (RedisError, OSError, TimeoutError, BadReply) as err:
+            self._mark_down(f"Redis {_why(err)} at start-up; limiting per process until it recovers")
         else:
             self.up = True
             self._last_reply = asyncio.get_running_loop().time()
+
+    async def _probe(self) -> None:
+        """One write through the check script on this process's own key: Redis answers, has the
+        script (loaded again if it lost it), accepts writes (a read-only replica or an out-of-memory
+        Redis answers a PING or a SCRIPT LOAD, but no check), and replies as the script does."""
+        try:
+            raw = await self.redis.evalsha(self.sha, 1, self._probe_key, *PROBE_ARGS)
+        except NoScriptError:
+            await self.redis.script_load(CHECK_LUA)
+            raw = await self.redis.evalsha(self.sha, 1, self._probe_key, *PROBE_ARGS)
+        if not (isinstance(raw, list) and len(raw) == 4 and all(type(v) is int for v in raw) and raw[0] == 1):
+            raise BadReply("the probe's reply")
 
     async def _evalsha(self, key: str, packed: tuple[bytes, bytes]) -> list[Any]:
         head, tail = packed
@@ -208,7 +325,10 @@ class RedisBackend:
             await conn.disconnect()
         return raw
 
-    async def _call(self, key: str, packed: tuple[bytes, bytes]) -> tuple[bool, float, list[tuple[int, int]]]:
+    async def _call(self, key: str, packed: tuple[bytes, bytes]) -> Decision:
+        """One check on Redis, its answer written into the local limiter. Raises what redis-py
+        raises for a failed call, TimeoutError past the deadline, and BadReply for an answer that
+        cannot be used (malformed, counts out of range, an error about this caller's hash)."""
         # The deadline is kept by one watchdog for all the calls in flight (`_watch`), not by a
         # timer per call: arming and disarming a timer and an `asyncio.timeout` per check cost
         # about 11 us, a tenth of a loopback check (benches/test_bench_limits.py).
@@ -226,13 +346,26 @@ class RedisBackend:
             if task in self._expired and task.uncancel() == 0:
                 raise TimeoutError from None
             raise
+        except (ResponseError, InvalidResponse) as err:
+            # An answer, but an error about this caller's hash (Redis is fine, the hash is not), or
+            # one that is not even RESP (an integer past 64 bits, say: the connection is dropped).
+            if isinstance(err, ResponseError) and not _about_the_key(err):
+                raise
+            self._last_reply = loop.time()
+            self._timeouts = 0
+            raise BadReply(str(err)) from None
         finally:
             del inflight[task]
             self._expired.discard(task)
         self._last_reply = loop.time()
         self._timeouts = 0  # an answer ends a run of timeouts
-        counts = [(raw[i], raw[i + 1]) for i in range(2, len(raw), 2)]
-        return raw[0] == 1, raw[1] / 1000, counts
+        try:
+            # `sync` refuses counts that are not one (prev, cur) pair of u32 per window and a time
+            # that is not a finite number: the checks here are the ones it does not make.
+            counts = [(raw[i], raw[i + 1]) for i in range(2, len(raw), 2)]
+            return self.limiter.sync(key, raw[1] / 1000, counts, _ALLOWED[raw[0]])
+        except (TypeError, ValueError, OverflowError, IndexError, KeyError):
+            raise BadReply("a check's reply") from None
 
     def _watch(self, when: float) -> None:
         """Every `WATCH_TICK_S` while checks are in flight: time out those past their deadline.
@@ -265,11 +398,13 @@ class RedisBackend:
             if not local.allowed:
                 return local  # over its limit globally too: no round trip
             try:
-                allowed, now, counts = await self._call(key, self._consume)
+                return await self._call(key, self._consume)
+            except BadReply as err:
+                # Redis ran the script, and counted what it admitted: decided here, not replayed.
+                self._bad_reply(err)
+                return self.limiter.check(key)
             except (RedisError, OSError, TimeoutError) as err:
                 self._failed(err)
-            else:
-                return self.limiter.sync(key, now, counts, allowed)
         decision = self.limiter.check(key)
         if decision.allowed:
             self._remember(key)
@@ -278,43 +413,73 @@ class RedisBackend:
     async def peek(self, key: str) -> Decision:
         if self.up:
             try:
-                allowed, now, counts = await self._call(key, self._peek)
-            except (RedisError, OSError, TimeoutError) as err:
-                self._failed(err)
-            else:
-                return self.limiter.sync(key, now, counts, allowed)
+                return await self._call(key, self._peek)
+            except BadReply as err:
+                self._bad_reply(err)
+            except (RedisError, OSError, TimeoutError):
+                # Not a strike: peeks come as fast as anyone sends /api/rate-limit, and a flood of
+                # them through a busy loop would time out together. Checks and the health probe
+                # find real outages; a peek only answers from what this process knows.
+                pass
         return self.limiter.peek(key)
 
     async def redis_state(self) -> str:
-        # While up, ask Redis itself (bounded like every call), so that a process which has not
-        # needed Redis since it went away still reports the truth; while down, the reconnect task
-        # knows and nobody waits.
+        # Health checks come as often as anyone sends them. An answer from Redis within the last
+        # STATE_TTL_S (any check's) is the state; otherwise one probe, at most one per STATE_TTL_S
+        # whoever asks, finds out (a process that has not needed Redis since it went away still
+        # reports the truth), while other health checks answer what is known without waiting.
         if self.up:
-            try:
-                async with asyncio.timeout(REDIS_TIMEOUT_S):
-                    await self.redis.ping()
-            except (RedisError, OSError, TimeoutError) as err:
-                self._failed(err)
-            else:
-                self._last_reply = asyncio.get_running_loop().time()
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            if now - self._last_reply >= STATE_TTL_S and now - self._last_probe >= STATE_TTL_S:
+                self._last_probe = now
+                try:
+                    async with asyncio.timeout(REDIS_TIMEOUT_S):
+                        await self._probe()
+                except (RedisError, OSError, TimeoutError, BadReply) as err:
+                    self._failed(err)
+                else:
+                    self._last_reply = loop.time()
+                    self._timeouts = 0
         return "ok" if self.up else "unavailable"
 
     def _remember(self, key: str) -> None:
-        if len(self.pending) >= MAX_PENDING:
-            oldest = min(self.pending, key=lambda k: k[1])
-            del self.pending[oldest]
-        self.pending[(key, int(time.time()))] += 1
+        now = int(time.time())
+        entry = (key, now // self._grain)
+        pending = self.pending
+        count = pending.get(entry)
+        if count is not None:
+            pending[entry] = count + 1
+            return
+        # A new entry (the newest bucket, so it goes last): first forget what no window counts any
+        # more (at the front), then the oldest if at the cap. Each entry is dropped once: O(1).
+        dead = (now // self._longest - 1) * self._longest // self._grain
+        while pending and next(iter(pending))[1] < dead:
+            pending.popitem(last=False)
+        if len(pending) >= self.max_pending:
+            pending.popitem(last=False)
+        pending[entry] = 1
+
+    def _bad_reply(self, err: BadReply) -> None:
+        if not self._bad_reply_logged:
+            self._bad_reply_logged = True  # again only after the next outage and recovery
+            log.warning(
+                "Redis answered a check with what the limiter cannot use; such checks are decided "
+                "per process",
+                extra={"event": "redis_bad_reply", "reason": str(err)[:200]},
+            )
 
     def _failed(self, err: BaseException) -> None:
-        # A refused or broken connection is an outage at once. A lone timeout may be this process's
-        # own event loop lagging under load rather than Redis: that request is decided locally, and
-        # only STRIKES timeouts in a row (a hung Redis makes them back to back) mean an outage.
-        if isinstance(err, TimeoutError):
+        # A refused or broken connection, or a refused write, is an outage at once. A lone timeout
+        # (of a command or of connecting) may be this process's own event loop lagging under load
+        # rather than Redis: that request is decided locally, and only STRIKES timeouts in a row (a
+        # hung Redis makes them back to back) mean an outage.
+        if isinstance(err, (TimeoutError, RedisTimeoutError)):
             self._timeouts += 1
             if self._timeouts < STRIKES:
                 log.info("Redis call timed out; decided locally", extra={"event": "redis_timeout"})
                 return
-        self._mark_down("Redis unreachable; limiting per process until it answers")
+        self._mark_down(f"Redis {_why(err)}; limiting per process until it recovers")
 
     def _mark_down(self, message: str) -> None:
         if not self.up and self._reconnect is not None:
@@ -325,45 +490,115 @@ class RedisBackend:
             self._reconnect = asyncio.get_running_loop().create_task(self._reconnect_loop())
 
     async def _reconnect_loop(self) -> None:
+        # The pool's connections from before the outage are most likely dead: the first attempt on
+        # one would fail for that alone, and global limiting resume an interval late.
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.connection_pool.disconnect(inuse_connections=False)
         while not self._closing:
             await asyncio.sleep(RECONNECT_INTERVAL_S)
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT_S * 4):
-                    await self.redis.script_load(CHECK_LUA)  # a restarted Redis has lost its scripts
+                    await self._probe()  # a write: answering is not enough
                 await self._replay()
-            except (RedisError, OSError, TimeoutError):
+            except (RedisError, OSError, TimeoutError, BadReply) as err:
+                # Still down: logged once (at WARNING), when it went down.
+                log.debug(
+                    "Redis still unusable: %s",
+                    _why(err),
+                    extra={"event": "redis_retry", "error": f"{type(err).__name__}: {err}"[:200]},
+                )
                 continue
-            # Connections from before the outage are dead; start afresh.
+            # `_replay` has just found nothing left to send: up from here, with no await in between
+            # (an admission made meanwhile would be remembered and never replayed).
             stale, self._idle = self._idle, []
-            for conn in stale:
-                await conn.disconnect(nowait=True)
             self.up = True
             self._timeouts = 0
             self._last_reply = asyncio.get_running_loop().time()
+            self._bad_reply_logged = False
             self._reconnect = None
             log.warning("Redis reachable again; global limiting resumed", extra={"event": "redis_up"})
+            for conn in stale:  # connections from before the outage are dead
+                await conn.disconnect(nowait=True)
             return
 
     async def _replay(self) -> None:
-        """Add the admissions made during the outage to Redis's buckets (those still alive)."""
-        if not self.pending:
-            return
-        pending, self.pending = self.pending, Counter()
-        now = time.time()
+        """Add the admissions made during the outage to Redis's buckets (those still counted).
+
+        A batch at a time (`REPLAY_BATCH` entries, one script call), yielding to the loop between
+        batches: requests go on being served, decided locally and remembered (they join the end of
+        the queue). Each batch is sent under a token of its own that the script sets, so Redis
+        applies it once however many times it is sent: a batch whose answer was lost or came too
+        late (`REPLAY_TIMEOUT_S`) is kept and sent again, under the same token, at the next
+        attempt, and only a batch Redis confirmed is forgotten. Raises as redis-py does."""
+        while True:
+            if self._batch is None:
+                pending = self.pending
+                if not pending:
+                    return
+                take = min(REPLAY_BATCH, len(pending))
+                self._batch = (
+                    REPLAY_TOKEN_PREFIX + secrets.token_hex(16),
+                    [pending.popitem(last=False) for _ in range(take)],
+                )
+            token, entries = self._batch
+            command = self._replay_command(token, entries)
+            if command is not None:  # None: nothing in it that a window still counts
+                async with asyncio.timeout(REPLAY_TIMEOUT_S):
+                    try:
+                        applied = await self._send(command)
+                    except NoScriptError:
+                        await self.redis.script_load(REPLAY_LUA)
+                        applied = await self._send(command)
+                if applied not in (0, 1):
+                    raise BadReply("a replay's reply")
+            self._batch = None
+            await asyncio.sleep(0)
+
+    def _replay_command(self, token: str, entries: list[tuple[tuple[str, int], int]]) -> bytes | None:
+        """The replay script's EVALSHA for a batch, in RESP: each caller once, with each of its
+        buckets that a window still counts (the current or the previous one) and the batch's sum.
+        Packed by hand, the bucket fields once per batch: redis-py's `pack_command` would take more
+        than half of a replay's time (200k callers: seconds)."""
+        now = int(time.time())
+        fields_of: dict[int, list[bytes]] = {}  # the batch's entries share a handful of buckets
+        per_key: dict[str, dict[bytes, int]] = {}
+        for (key, bucket), count in entries:
+            fields = fields_of.get(bucket)
+            if fields is None:
+                start = bucket * self._grain
+                fields = fields_of[bucket] = [
+                    _bulk(b"%d:%d" % (w * 1000, start // w))
+                    for w in self._window_s
+                    if start // w >= now // w - 1
+                ]
+            if fields:
+                mine = per_key.setdefault(key, {})
+                for f in fields:
+                    mine[f] = mine.get(f, 0) + count
+        if not per_key:
+            return None
+        ttl = _bulk(b"%d" % (2 * 1000 * self._longest))  # the token matters as long as the counts
+        parts = [_bulk(token.encode()), *(_bulk((KEY_PREFIX + key).encode()) for key in per_key), ttl, ttl]
+        for sums in per_key.values():
+            parts.append(_bulk(b"%d" % len(sums)))
+            for f, c in sums.items():
+                parts += (f, _bulk(b"%d" % c))
+        head = b"*%d\r\n" % (3 + len(parts)) + _resp("EVALSHA", self._replay_sha, str(1 + len(per_key)))
+        return head + b"".join(parts)
+
+    async def _send(self, command: bytes) -> Any:
+        """One packed command on a connection of the client's pool, dropped if anything goes wrong
+        half-way (timed out, cancelled: its state is unknown)."""
+        pool = self.redis.connection_pool
+        conn = await pool.get_connection()
         try:
-            async with asyncio.timeout(1.0):
-                pipe = self.redis.pipeline(transaction=False)
-                for (key, second), count in pending.items():
-                    for _, w in self.windows:
-                        if now - second >= 2 * w:
-                            continue
-                        w_ms = w * 1000
-                        pipe.hincrby(KEY_PREFIX + key, f"{w_ms}:{(second * 1000) // w_ms}", count)
-                    pipe.pexpire(KEY_PREFIX + key, 2 * 1000 * max(w for _, w in self.windows))
-                await pipe.execute()
+            await conn.send_packed_command(command, check_health=False)
+            return await conn.read_response()
         except BaseException:
-            self.pending.update(pending)  # not lost: tried again on the next successful ping
+            await conn.disconnect(nowait=True)
             raise
+        finally:
+            await pool.release(conn)
 
     async def aclose(self) -> None:
         self._closing = True
