@@ -7,7 +7,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 RUST_SRC := $(wildcard rust/src/*.rs) Cargo.toml Cargo.lock
 
-.PHONY: run build test lint format bench bench-load system-deps clean help
+.PHONY: run build test lint format bench bench-load system-deps image test-container clean help
 
 help:
 	@echo "make run    - build and serve on HOST:PORT (default 127.0.0.1:5000) with the embedded defaults"
@@ -15,6 +15,8 @@ help:
 	@echo "make lint   - ruff, cargo fmt --check, cargo clippy -D warnings, stub check"
 	@echo "make format - ruff format + cargo fmt"
 	@echo "make bench  - micro benches (native vs Python, limits) and the load bench (benches/load.py)"
+	@echo "make image  - build the container image (Dockerfile) here, with no registry: see docker/"
+	@echo "make test-container - make image, then check it under compose with host networking"
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,6 +70,28 @@ bench: build system-deps
 bench-load: build
 	@command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk
 	$(PY) benches/load.py
+
+# The container image, built here where containers reach no registry or index: local base images
+# made from Debian packages and this host's Rust toolchain, wheels and crates fetched on the host,
+# then the very Dockerfile a user builds with `docker build .`, told so by build ARGs (see
+# docker/build-image.sh). Needs, as root, a Docker daemon (docker/start-dockerd.sh) and mmdebstrap.
+IMAGE ?= pwachat:latest
+DEBIAN_SUITE ?= bookworm
+CONTAINER_ENV = IMAGE=$(IMAGE) DEBIAN_SUITE=$(DEBIAN_SUITE) \
+	LOCAL_PYTHON_IMAGE=pwachat-local/python:$(DEBIAN_SUITE) \
+	LOCAL_BUILDER_IMAGE=pwachat-local/python-build:$(DEBIAN_SUITE) \
+	LOCAL_REDIS_IMAGE=pwachat-local/redis:$(DEBIAN_SUITE) \
+	LOCAL_RUST_IMAGE=pwachat-local/rust:$$(rustc --version | cut -d' ' -f2)
+
+image:
+	$(CONTAINER_ENV) PYTHON=$(PY) docker/build-image.sh
+
+# Not part of `make test`: compose (compose.yaml + compose.hostnet.yaml: host networking, every
+# address on 127.0.0.1) runs the image twice with one Redis, and tests/container checks it over HTTP.
+test-container: build image
+	$(CONTAINER_ENV) REDIS_IMAGE=pwachat-local/redis:$(DEBIAN_SUITE) PWACHAT_CONTAINER_TESTS=1 \
+		PWACHAT_COMPOSE="$(CURDIR)/docker/compose.sh" PYTHON=$(PY) \
+		$(PY) -m pytest tests/container -q -p no:cacheprovider
 
 clean:
 	rm -rf target $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis .benchmarks
