@@ -72,9 +72,20 @@ def open_upstream(
     return asyncio.get_running_loop().create_task(_open(provider, chat, timeout_s, request_id))
 
 
-def reader_gone(receive: Any) -> asyncio.Task[None]:
-    """A task that ends when the reader disconnects (the one reader of `receive` from then on)."""
-    return asyncio.get_running_loop().create_task(_until_disconnect(receive))
+def reader_gone(receive: Any) -> asyncio.Future[Any]:
+    """A future that is done when the reader disconnects (the one reader of `receive` from then
+    on). Once the body has been read, the next ASGI message can only be `http.disconnect`, and
+    Granian's `receive()` is already a future: no task is needed to wait for it."""
+    pending = receive()
+    if asyncio.isfuture(pending):
+        return pending
+    return asyncio.ensure_future(_until_disconnect_after(pending, receive))
+
+
+async def _until_disconnect_after(first: Any, receive: Any) -> None:
+    message = await first
+    while message["type"] != "http.disconnect":
+        message = await receive()
 
 
 def abandon(opening: asyncio.Task[ProviderStream]) -> None:
@@ -105,11 +116,6 @@ class _Closer:
         self.stream.abort()
 
 
-async def _until_disconnect(receive: Any) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
 class EventStream:
     """The committed stream: `start`, then deltas as they arrive, then one `done` or `error`."""
 
@@ -138,7 +144,7 @@ class EventStream:
         request_id: str,
         heartbeat_s: float,
         gap_s: float,
-        gone: asyncio.Task[None],
+        gone: asyncio.Future[Any],
     ) -> None:
         self.opening = opening
         self.gone = gone  # ends when the reader disconnects (see `reader_gone`)
@@ -182,7 +188,7 @@ class EventStream:
             if stream is not None:
                 await stream.aclose()
 
-    async def _relay(self, send: Any, gone: asyncio.Task[None], enc: SseEncoder) -> ProviderStream | None:
+    async def _relay(self, send: Any, gone: asyncio.Future[Any], enc: SseEncoder) -> ProviderStream | None:
         """Frames go out as soon as nothing more is at hand: what arrives together (the start
         event and the first deltas, the last deltas and `done`) leaves in one send, and nothing is
         held back while waiting for the provider. Returns the stream for closing."""
