@@ -6,6 +6,7 @@ The real `pwachat serve` with one worker, the fake upstream holding every stream
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import resource
 import time
@@ -46,7 +47,9 @@ def serve(tmp, fake: FakeUpstream, **env: str) -> Server:
     )
 
 
-async def _hold(port: int, started: list[float], release: asyncio.Event) -> None:
+async def _hold(
+    port: int, started: list[float], release: asyncio.Event, all_in: asyncio.Event, count: int
+) -> None:
     """One stream: read until its `start` event, note when, then hold the connection open."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     body = json.dumps({"message": "hold", "provider": "openai"}).encode()
@@ -62,6 +65,8 @@ async def _hold(port: int, started: list[float], release: asyncio.Event) -> None
                 return
             seen += chunk
         started.append(time.monotonic())
+        if len(started) == count:
+            all_in.set()
         await release.wait()
     finally:
         writer.close()
@@ -71,12 +76,11 @@ async def _held_streams(port: int, count: int, deadline_s: float) -> tuple[int, 
     """Open `count` streams at once; how many got their `start` within the deadline, and when the
     last of those did (seconds from the first connection)."""
     started: list[float] = []
-    release = asyncio.Event()
+    release, all_in = asyncio.Event(), asyncio.Event()
     t0 = time.monotonic()
-    tasks = [asyncio.create_task(_hold(port, started, release)) for _ in range(count)]
-    end = t0 + deadline_s
-    while len(started) < count and time.monotonic() < end:
-        await asyncio.sleep(0.05)  # polling the count with a deadline
+    tasks = [asyncio.create_task(_hold(port, started, release, all_in, count)) for _ in range(count)]
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(all_in.wait(), deadline_s)
     got, last = len(started), (max(started) - t0 if started else float("inf"))
     release.set()
     for task in tasks:
