@@ -46,21 +46,13 @@ class RateLimitBackend(Protocol):
     async def aclose(self) -> None: ...
 
 
-def windows_of(settings: Settings) -> list[tuple[int, int]]:
-    return [
-        (settings.ratelimit_per_minute, 60),
-        (settings.ratelimit_per_hour, 3600),
-        (settings.ratelimit_per_day, 86400),
-    ]
-
-
 class MemoryBackend:
     """One process's limiter; exact within that process, nothing shared."""
 
     name = "memory"
 
     def __init__(self, settings: Settings, max_keys: int = 100_000) -> None:
-        self.limiter = RateLimiter(windows_of(settings), max_keys=max_keys)
+        self.limiter = RateLimiter(settings.rate_windows, max_keys=max_keys)
 
     async def start(self) -> None:
         return None
@@ -96,7 +88,7 @@ def caller_key(client_ip: str, token: str | None) -> str:
 
 
 def policy_header(settings: Settings) -> str:
-    return ", ".join(f'"{WINDOW_NAMES[w]}";q={q};w={w}' for q, w in windows_of(settings))
+    return ", ".join(f'"{WINDOW_NAMES[w]}";q={q};w={w}' for q, w in settings.rate_windows)
 
 
 def rate_limit_headers(decision: Decision, policy: str) -> list[tuple[bytes, bytes]]:

@@ -52,7 +52,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from pwachat._native import Decision, RateLimiter
-from pwachat.ratelimit import windows_of
 from pwachat.settings import Settings
 
 __all__ = ["MAX_PENDING", "REDIS_TIMEOUT_S", "RedisBackend"]
@@ -225,7 +224,7 @@ class RedisBackend:
     name = "redis"
 
     def __init__(self, settings: Settings, max_keys: int = 100_000, max_pending: int = MAX_PENDING) -> None:
-        self.windows = windows_of(settings)
+        self.windows = settings.rate_windows
         self.limiter = RateLimiter(self.windows, max_keys=max_keys)
         self.redis = Redis.from_url(
             settings.redis_url,

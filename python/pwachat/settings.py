@@ -89,6 +89,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return self.app_env == "production"
 
     @property
+    def rate_windows(self) -> list[tuple[int, int]]:
+        """The rate limit's (limit, window seconds) pairs: a minute, an hour, a day."""
+        return [
+            (self.ratelimit_per_minute, 60),
+            (self.ratelimit_per_hour, 3600),
+            (self.ratelimit_per_day, 86400),
+        ]
+
+    @property
     def provider_models(self) -> dict[str, tuple[str, ...]]:
         return {"openai": self.openai_models, "claude": self.anthropic_models, "echo": ("echo",)}
 
