@@ -505,3 +505,44 @@ def test_a_response_dropped_without_release_or_close_closes_its_connection() -> 
             await pool.aclose()
 
     run(main())
+
+
+def test_an_interrupted_read_raises_timeout_and_loses_nothing() -> None:
+    # The relay keeps one timer per stream; when it fires, `interrupt()` ends the pending read with
+    # TimeoutError, and the connection goes on: what arrives later (or had arrived) is read next.
+    async def main() -> None:
+        more = asyncio.Event()
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\none\r\n")
+            await writer.drain()
+            await more.wait()
+            writer.write(b"3\r\ntwo\r\n0\r\n\r\n")
+            await writer.drain()
+            return True
+
+        async with Server(handler) as srv:
+            pool = Pool(srv.url, {})
+            r = await pool.send(pool.request_bytes("/chat", b"{}"))
+            assert await r.readany() == b"one"
+            pending = asyncio.ensure_future(r.readany())
+            await asyncio.sleep(0)  # the read is waiting now
+            r.interrupt()
+            with pytest.raises(TimeoutError):
+                await pending
+            r.interrupt()  # an interrupt that finds bytes waiting gives the bytes
+            more.set()
+            data = b""
+            async with asyncio.timeout(5):
+                while data != b"two":
+                    try:
+                        data += await r.readany()
+                    except TimeoutError:
+                        continue
+            assert await r.readany() == b""  # the end, and no interrupt left over
+            r.release()
+            assert (await post(pool))[2] == b"onetwo"  # the connection was pooled: reused
+            assert srv.connections == 1
+            await pool.aclose()
+
+    run(main())

@@ -79,10 +79,11 @@ class ProviderStream(Protocol):
     """An answered upstream stream, read by pulling batches of text deltas.
 
     `next()` waits for the next batch (the deltas of one network read) and raises `ProviderError`
-    on a failure (after the deltas that came before it); it returns [] once `finished`. It is
-    cancellation-safe: a wait cut short by a deadline loses nothing, so the relay can wait with a
-    deadline and send heartbeats in between. `ready()` returns what has already arrived, without
-    waiting. When `finished`, `finish_reason` and the token counts are set.
+    on a failure (after the deltas that came before it); it returns [] once `finished`.
+    `interrupt()` makes a pending or the next `next()` raise TimeoutError unless something arrives
+    first, losing nothing: the relay keeps one timer per stream for its deadlines (heartbeat, gap)
+    instead of a timeout per read. `ready()` returns what has already arrived, without waiting.
+    When `finished`, `finish_reason` and the token counts are set.
     """
 
     finished: bool
@@ -94,6 +95,8 @@ class ProviderStream(Protocol):
     def ready(self) -> list[str]: ...
 
     async def next(self) -> list[str]: ...
+
+    def interrupt(self) -> None: ...
 
     def abort(self) -> None:
         """Close the upstream connection now (the client has gone)."""

@@ -52,6 +52,9 @@ class EchoStream:
     async def next(self) -> list[str]:
         return self.ready()
 
+    def interrupt(self) -> None:
+        return None  # never waits
+
     def abort(self) -> None:
         self._pieces = []
 

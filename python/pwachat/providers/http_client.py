@@ -81,6 +81,7 @@ class _Conn(asyncio.Protocol):
         self.reusable = True
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.interrupted = False  # `interrupt()`: the reader's deadline passed (see readany)
         self.paused = False
         self.draining = False  # released before its end arrived: back to the pool once it has
 
@@ -126,6 +127,11 @@ class _Conn(asyncio.Protocol):
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def interrupt(self) -> None:
+        """Wake the reader with nothing new: its own deadline has passed (`Response.readany`)."""
+        self.interrupted = True
+        self._wake()
 
     # -- parsing -------------------------------------------------------------------------------
 
@@ -318,16 +324,27 @@ class Response:
 
     async def readany(self) -> bytes:
         """The next bytes; b"" once the body is complete. A broken connection raises, but only
-        after the bytes that arrived before the break have been returned."""
+        after the bytes that arrived before the break have been returned. `interrupt()` while
+        nothing new has come raises TimeoutError (what has come since is returned first): the
+        reader keeps its deadline in one timer of its own, not a timeout object per read."""
         conn = self._held()
         while True:
             if conn.body:
+                conn.interrupted = False
                 return conn.take()
             if conn.state == "done":
                 return b""
             if conn.error is not None:
                 raise conn.error
+            if conn.interrupted:
+                conn.interrupted = False
+                raise TimeoutError
             await conn.wait()
+
+    def interrupt(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.interrupt()
 
     def release(self) -> None:
         conn, self._conn = self._conn, None

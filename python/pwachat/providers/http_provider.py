@@ -259,6 +259,8 @@ class RawStream:
                 return []
             try:
                 data = await self._resp.readany()  # what came before a break comes first
+            except TimeoutError:
+                raise  # interrupted: the reader's deadline (see `interrupt`)
             except (TransportError, OSError):
                 self._error = UpstreamError(f"The connection to {self._label} broke mid-stream")
                 continue
@@ -267,6 +269,11 @@ class RawStream:
                 self._error = UpstreamError(f"The connection to {self._label} ended mid-stream")
             if deltas or self.finished:
                 return deltas
+
+    def interrupt(self) -> None:
+        """Make a pending (or the next) `next()` raise TimeoutError unless something arrives first:
+        how the relay's one timer per stream ends a wait (heartbeat, gap timeout)."""
+        self._resp.interrupt()
 
     def abort(self) -> None:
         """Close the connection now (the client left): the provider stops generating, and billing."""
