@@ -7,7 +7,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 RUST_SRC := $(wildcard rust/src/*.rs) Cargo.toml Cargo.lock
 
-.PHONY: run build test lint format bench bench-load system-deps image test-container clean help
+.PHONY: run build test lint format bench bench-load bench-compare bench-baseline wrk system-deps image test-container clean help
 
 help:
 	@echo "make run    - build and serve on HOST:PORT (default 127.0.0.1:5000) with the embedded defaults"
@@ -15,6 +15,8 @@ help:
 	@echo "make lint   - ruff, cargo fmt --check, cargo clippy -D warnings, stub check"
 	@echo "make format - ruff format + cargo fmt"
 	@echo "make bench  - micro benches (native vs Python, limits) and the load bench (benches/load.py)"
+	@echo "make bench-compare  - the quick load subset, its ratios against benches/baseline.json (fails on a >10% fall)"
+	@echo "make bench-baseline - the same subset, written to benches/baseline.json (on a quiet machine)"
 	@echo "make image  - build the container image (Dockerfile) here, with no registry: see docker/"
 	@echo "make test-container - make image, then check it under compose with host networking"
 
@@ -67,9 +69,23 @@ bench: build system-deps
 	$(MAKE) bench-load
 
 # One server worker pinned to core 0, wrk and the fake upstream on core 1 (see benches/load.py).
-bench-load: build
+# Every run also writes its figures and ratios as JSON (BENCH_JSON, git-ignored).
+BENCH_JSON ?= benches/results/last.json
+wrk:
 	@command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk
-	$(PY) benches/load.py
+
+bench-load: build wrk
+	$(PY) benches/load.py --json $(BENCH_JSON)
+
+# Not part of `make test`: the quick subset (load.py --quick, about a minute), compared as ratios to
+# the same run's references against the committed baseline (benches/compare.py).
+bench-compare: build wrk
+	$(PY) benches/load.py --quick --json benches/results/compare.json
+	$(PY) benches/compare.py benches/results/compare.json
+
+# Refresh the committed baseline: on a quiet machine (nothing else busy; /tmp/bench.lock held).
+bench-baseline: build wrk
+	$(PY) benches/load.py --quick --json benches/baseline.json
 
 # The container image, built here where containers reach no registry or index: local base images
 # made from Debian packages and this host's Rust toolchain, wheels and crates fetched on the host,

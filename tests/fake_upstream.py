@@ -19,6 +19,10 @@ Run as its own process (the load bench runs it on another core)::
 
     python tests/fake_upstream.py --host 127.0.0.1 --port 0   # prints "LISTENING http://127.0.0.1:PORT"
 
+Opt-in, for a provider over TLS: ``--tls-cert CERT --tls-key KEY`` (PEM files, e.g. from a ``trustme``
+throwaway CA) serves the same app on a second, TLS port as well (``--tls-port``, 0 picks one), printed on a
+second line ``LISTENING_TLS https://127.0.0.1:PORT``; control calls work on either port.
+
 Each request (control calls aside) leaves a record: ``seq``, ``provider``, ``method``, ``path``, ``query``,
 ``headers`` (lower-cased names), ``body`` (parsed JSON, or None and ``body_text``), ``stream``, ``behaviour``
 (the non-default parameters used, None if refused before), ``status``, ``received_at``, ``head_sent_at``,
@@ -43,6 +47,7 @@ import json
 import re
 import resource
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -376,6 +381,14 @@ class FakeServer:
         await site.start()
         self.port = self.runner.addresses[0][1]
         return self.port
+
+    async def add_tls_site(self, context: ssl.SSLContext, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Serve the same app over TLS on a second port (after start()); returns that port."""
+        if self.runner is None:
+            raise RuntimeError("start() first")
+        site = web.TCPSite(self.runner, host, port, backlog=4096, reuse_address=True, ssl_context=context)
+        await site.start()
+        return self.runner.addresses[-1][1]  # the sites' sockets, in the order they started
 
     async def stop(self) -> None:
         self.stopping = True
@@ -1183,6 +1196,11 @@ async def _serve(args: argparse.Namespace) -> None:
     port = await server.start(args.host, args.port)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"LISTENING http://{host}:{port}", flush=True)
+    if args.tls_cert:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        tls_port = await server.add_tls_site(context, args.host, args.tls_port)
+        print(f"LISTENING_TLS https://{host}:{tls_port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1200,7 +1218,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-records", type=int, default=10_000, help="request records kept (oldest dropped)"
     )
+    parser.add_argument("--tls-cert", help="PEM certificate (chain): also serve TLS on a second port")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert (default: in the same file)")
+    parser.add_argument("--tls-port", type=int, default=0, help="the TLS port (0 picks a free one)")
     args = parser.parse_args(argv)
+    if args.tls_key and not args.tls_cert:
+        parser.error("--tls-key needs --tls-cert")
     _raise_fd_limit()
     asyncio.run(_serve(args))
 
