@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     bm, nm = baseline.get("machine", {}), now.get("machine", {})
     print(
-        f"\nbaseline: {baseline.get('started_at')} {bm.get('git_commit', '')[:10]} on {bm.get('cpu_model')}"
-        f"\nnow:      {now.get('started_at')} {nm.get('git_commit', '')[:10]}"
+        f"\nbaseline: {baseline.get('started_at')} {bm.get('git_commit', '')} on {bm.get('cpu_model')}"
+        f"\nnow:      {now.get('started_at')} {nm.get('git_commit', '')}"
         f"{' (tree dirty)' if nm.get('git_dirty') else ''} on {nm.get('cpu_model')},"
         f" pwachat from {nm.get('pwachat_source')}, steal {nm.get('steal_pct_during_run') or 0:.1f}%"
     )

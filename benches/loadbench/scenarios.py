@@ -98,6 +98,8 @@ def throughput(run: Run, kind: str) -> None:
                 reference_is="fake directly",
                 target=target,
                 note=_busy(ours) + _bad(ours),
+                # chat's fake sits near its own limit on the load core: two quiet runs moved 14%.
+                gate=kind != "chat",
             ),
             Figure(
                 f"{kind}.server_cpu_us",
@@ -236,8 +238,16 @@ def streams_level(run: Run, name: str, n: int, period: float, chunks: int, direc
             d and ms(d.lateness, 50),
             note=f"{len(ours.lateness):,} events after the ramp",
         ),
-        fig("lateness_p99_ms", "  lateness p99", ms(ours.lateness, 99), d and ms(d.lateness, 99)),
-        fig("lateness_max_ms", "  lateness max", ms(ours.lateness, None), d and ms(d.lateness, None)),
+        # Tails and first bytes are ratios of small, noisy figures (two quiet runs moved 12-41%):
+        # reported, not gated.
+        fig("lateness_p99_ms", "  lateness p99", ms(ours.lateness, 99), d and ms(d.lateness, 99), gate=False),
+        fig(
+            "lateness_max_ms",
+            "  lateness max",
+            ms(ours.lateness, None),
+            d and ms(d.lateness, None),
+            gate=False,
+        ),
         fig(
             "lateness_all_p99_ms",
             "  lateness p99, every event incl. the connection ramp",
@@ -245,8 +255,20 @@ def streams_level(run: Run, name: str, n: int, period: float, chunks: int, direc
             d and ms(d.lateness_all, 99),
             gate=False,
         ),
-        fig("first_byte_p50_ms", "  first byte p50", ms(ours.first_byte, 50), d and ms(d.first_byte, 50)),
-        fig("first_byte_p99_ms", "  first byte p99", ms(ours.first_byte, 99), d and ms(d.first_byte, 99)),
+        fig(
+            "first_byte_p50_ms",
+            "  first byte p50",
+            ms(ours.first_byte, 50),
+            d and ms(d.first_byte, 50),
+            gate=False,
+        ),
+        fig(
+            "first_byte_p99_ms",
+            "  first byte p99",
+            ms(ours.first_byte, 99),
+            d and ms(d.first_byte, 99),
+            gate=False,
+        ),
         fig(
             "complete",
             "  streams complete",
