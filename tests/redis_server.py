@@ -100,3 +100,66 @@ def _read_reply(f) -> object:
         n = int(rest)
         return [_read_reply(f) for _ in range(max(n, 0))]
     raise RuntimeError(f"unexpected reply {line!r}")
+
+
+class RedisCluster:
+    """Three (or `size`) real `redis-server` masters on loopback, joined into one Redis Cluster
+    (`redis-cli --cluster create`, no replicas), ready once every node says `cluster_state:ok`."""
+
+    def __init__(self, workdir: Path, size: int = 3) -> None:
+        self.workdir = workdir
+        self.nodes = [RedisServer(workdir) for _ in range(size)]
+        # The cluster bus port is the node's port + 10000 unless given: past 55535 that is no port.
+        self.bus_ports = {n.port: free_port() for n in self.nodes}
+
+    @property
+    def url(self) -> str:
+        """The limiter's URL: every master a seed."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{n.port}" for n in self.nodes]
+
+    def start(self) -> RedisCluster:
+        for node in self.nodes:
+            self.restart(node)
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is not installed (apt-get install redis-tools)")
+        subprocess.run(
+            [cli, "--cluster", "create", *self.addresses(), "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=30,
+        )
+        deadline = time.monotonic() + 20
+        while not all("cluster_state:ok" in str(n.command("CLUSTER", "INFO")) for n in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not reach cluster_state:ok")
+            time.sleep(0.05)  # polling for readiness with a deadline
+        return self
+
+    def restart(self, node: RedisServer) -> None:
+        """Start a killed node again on its port: it rejoins with the slots its nodes file names
+        (and none of its data: no persistence)."""
+        conf = str(self.workdir / f"nodes-{node.port}.conf")
+        bus = str(self.bus_ports[node.port])
+        node.start("--cluster-enabled", "yes", "--cluster-config-file", conf, "--cluster-port", bus)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def node_of(self, key: str) -> RedisServer:
+        """The master that serves `key`'s slot (CLUSTER KEYSLOT, then each node's own slot ranges)."""
+        slot = int(self.nodes[0].command("CLUSTER", "KEYSLOT", key))  # type: ignore[arg-type]
+        for node in self.nodes:
+            for start, end, master, *_ in node.command("CLUSTER", "SLOTS"):  # type: ignore[union-attr]
+                if start <= slot <= end and int(master[1]) == node.port:
+                    return node
+        raise RuntimeError("no master serves that slot")
+
+    def keys(self, pattern: str) -> dict[int, list[str]]:
+        """Every node's keys matching `pattern`, by port."""
+        return {n.port: list(n.command("KEYS", pattern)) for n in self.nodes}  # type: ignore[arg-type]

@@ -21,6 +21,12 @@ How the pieces fit:
 - A reply the limiter cannot use (a count out of range, not an integer, a list of the wrong length,
   a caller's hash the script cannot read) is not an outage: that one check is decided locally and
   the first such reply is logged.
+- Redis Cluster (`redis+cluster://`): each caller's hash is `pwachat:rl:{<caller>}`, one slot, and
+  every script call touches one slot only (a replay batch is sent as one call per slot, each with
+  a token key of that slot). The checks are routed by slot on redis-py connections, one idle list
+  per master, as packed as on one node (`_Cluster`); a NOSCRIPT loads the script on that node,
+  MOVED and ASK are followed. Any node failing is an outage of the whole backend (logged once),
+  and the probe writes through every master before global limiting resumes.
 - Only checks and the health probe can mark Redis down: a flood of `/api/rate-limit` peeks or of
   health checks through a busy event loop cannot fake an outage (peeks never count a strike; health
   answers from what the last second showed and probes at most once a second).
@@ -38,10 +44,14 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.backoff import NoBackoff
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import (
+    AskError,
+    ClusterError,
     InvalidResponse,
+    MovedError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -52,7 +62,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from pwachat._native import Decision, RateLimiter
-from pwachat.settings import Settings
+from pwachat.settings import Settings, split_cluster_url
 
 __all__ = ["MAX_PENDING", "REDIS_TIMEOUT_S", "RedisBackend"]
 
@@ -84,6 +94,9 @@ STATE_TTL_S = 1.0
 #: A check that always admits, on a window of 1 s: the probe's ARGV (it writes, so it proves writes).
 PROBE_ARGS = ("1", "1000000000", "1000")
 REPLAY_TOKEN_PREFIX = "pwachat:rlreplay:"  # noqa: S105 - a key name, not a secret
+#: Redirections (MOVED, ASK) followed for one call before it counts as failed: a slot is moved at
+#: most once or twice while a cluster is resharded.
+MAX_REDIRECTS = 5
 
 # One hash per caller (KEYS[1]) with a field per window and bucket ("<window_ms>:<bucket>"), so a
 # check is a handful of commands whatever the number of windows: TIME and one HMGET, and when
@@ -220,21 +233,154 @@ def _packed_parts(sha: str, args: list[str]) -> tuple[bytes, bytes]:
     return b"*%d\r\n" % (4 + len(args)) + _resp("EVALSHA", sha, "1"), _resp(*args)
 
 
+def _connection_options() -> dict[str, Any]:
+    return {
+        # No socket read timeout: every call is bounded by the deadlines here instead.
+        "socket_timeout": None,
+        "socket_connect_timeout": REDIS_TIMEOUT_S,
+        "retry": Retry(NoBackoff(), 0),  # never retry inside a request: fall back instead
+        "retry_on_timeout": False,
+        "health_check_interval": 0,
+    }
+
+
+class _Cluster:
+    """Redis Cluster by slot on redis-py's own connections (URL, auth, TLS, hiredis parsing), so a
+    check stays one packed command on an idle connection, as on one node; redis-py's RedisCluster
+    would add its command layer (more than the round trip) and retries of its own inside a request.
+
+    The slot map comes from CLUSTER SLOTS (`refresh`, at every probe: start-up, health, recovery);
+    a MOVED updates that slot and retries there, an ASK retries once on the target after ASKING, a
+    NOSCRIPT loads the script on that node and retries. Anything else is raised as it came."""
+
+    def __init__(self, url: str, seeds: tuple[tuple[str, int], ...]) -> None:
+        # Only for its connection class and keyword arguments (credentials, TLS, options): one
+        # connection per node is made from them with that node's host and port.
+        self._pool = ConnectionPool.from_url(url, **_connection_options())
+        self.seeds = seeds
+        self.slots: list[tuple[str, int] | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
+        self.idle: dict[tuple[str, int], list[Any]] = {}
+
+    def _connection(self, addr: tuple[str, int]) -> Any:
+        idle = self.idle.get(addr)
+        if idle:
+            return idle.pop()
+        kwargs = {**self._pool.connection_kwargs, "host": addr[0], "port": addr[1]}
+        return self._pool.connection_class(**kwargs)
+
+    async def _release(self, addr: tuple[str, int], conn: Any) -> None:
+        idle = self.idle.setdefault(addr, [])
+        if len(idle) < MAX_IDLE_CONNECTIONS:
+            idle.append(conn)
+        else:
+            await conn.disconnect()
+
+    def masters(self) -> set[tuple[str, int]]:
+        return {a for a in self.slots if a is not None}
+
+    async def refresh(self) -> None:
+        """The slot map from the first node that answers CLUSTER SLOTS (those known, then the
+        seeds). A slot no master serves stays None: a check on it fails (an outage)."""
+        last: BaseException = ClusterError("no cluster node to ask")
+        for addr in dict.fromkeys([*self.masters(), *self.seeds]):
+            conn = self._connection(addr)
+            try:
+                await conn.connect()
+                await conn.send_packed_command(conn.pack_command("CLUSTER", "SLOTS"), check_health=False)
+                reply = await conn.read_response()
+            except (RedisError, OSError) as err:
+                await conn.disconnect(nowait=True)
+                last = err
+                continue
+            except BaseException:
+                await conn.disconnect(nowait=True)
+                raise
+            await self._release(addr, conn)
+            slots: list[tuple[str, int] | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
+            for start, end, master, *_ in reply:
+                host = master[0].decode() if isinstance(master[0], bytes) else master[0]
+                # An empty host: the node does not know its own address; it is the one asked.
+                node = (host if host and host != "?" else addr[0], int(master[1]))
+                slots[int(start) : int(end) + 1] = [node] * (int(end) - int(start) + 1)
+            self.slots = slots
+            return
+        raise last
+
+    async def call(self, key: bytes, command: bytes, script: str) -> Any:
+        """`command` (packed, touching `key`'s slot only) on the master serving that slot."""
+        slot = key_slot(key)
+        addr = self.slots[slot]
+        asking = False
+        for _ in range(MAX_REDIRECTS):
+            if addr is None:
+                raise ClusterError("a slot that no master serves")
+            conn = self._connection(addr)
+            try:
+                await conn.connect()  # no-op when connected
+                try:
+                    raw = await self._send(conn, command, asking)
+                except NoScriptError:  # a node that has not seen it (or restarted, or flushed)
+                    await conn.send_packed_command(
+                        conn.pack_command("SCRIPT", "LOAD", script), check_health=False
+                    )
+                    await conn.read_response()
+                    raw = await self._send(conn, command, asking)
+            except AskError as err:  # MOVED too: the reply was read whole, the connection is fine
+                await self._release(addr, conn)
+                asking = not isinstance(err, MovedError)
+                if not asking:
+                    self.slots[err.slot_id] = err.node_addr
+                addr = err.node_addr
+                continue
+            except BaseException:
+                # Timed out, cancelled or broken half-way: the connection's state is unknown.
+                await conn.disconnect(nowait=True)
+                raise
+            await self._release(addr, conn)
+            return raw
+        raise ClusterError("too many redirections")
+
+    @staticmethod
+    async def _send(conn: Any, command: bytes, asking: bool) -> Any:
+        if not asking:
+            await conn.send_packed_command(command, check_health=False)
+            return await conn.read_response()
+        await conn.send_packed_command(_ASKING + command, check_health=False)
+        try:
+            await conn.read_response()  # +OK
+        except ResponseError:
+            await conn.read_response()  # the command's reply too: the connection stays in step
+            raise
+        return await conn.read_response()
+
+    async def drop_idle(self) -> None:
+        idle, self.idle = self.idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                await conn.disconnect(nowait=True)
+
+    async def aclose(self) -> None:
+        await self.drop_idle()
+        await self._pool.disconnect()
+
+
+_ASKING = b"*1\r\n$6\r\nASKING\r\n"
+
+
 class RedisBackend:
     name = "redis"
 
     def __init__(self, settings: Settings, max_keys: int = 100_000, max_pending: int = MAX_PENDING) -> None:
         self.windows = settings.rate_windows
         self.limiter = RateLimiter(self.windows, max_keys=max_keys)
-        self.redis = Redis.from_url(
-            settings.redis_url,
-            # No socket read timeout: every call is bounded by the deadlines here instead.
-            socket_timeout=None,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
-            retry=Retry(NoBackoff(), 0),  # never retry inside a request: fall back instead
-            retry_on_timeout=False,
-            health_check_interval=0,
-        )
+        cluster = split_cluster_url(settings.redis_url)
+        self._cluster: _Cluster | None = None
+        if cluster is None:
+            self.redis = Redis.from_url(settings.redis_url, **_connection_options())
+        else:
+            self._cluster = _Cluster(*cluster)
+            self._evalsha = self._evalsha_cluster  # type: ignore[method-assign]
+            self._probe = self._probe_cluster  # type: ignore[method-assign]
         self.sha = hashlib.sha1(CHECK_LUA.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
         self._replay_sha = hashlib.sha1(REPLAY_LUA.encode()).hexdigest()  # noqa: S324
         # The check's own connections: redis-py's Connection objects (URL, auth, TLS, RESP parsing
@@ -296,6 +442,46 @@ class RedisBackend:
             raw = await self.redis.evalsha(self.sha, 1, self._probe_key, *PROBE_ARGS)
         if not (isinstance(raw, list) and len(raw) == 4 and all(type(v) is int for v in raw) and raw[0] == 1):
             raise BadReply("the probe's reply")
+
+    def _key_name(self, key: str) -> str:
+        """The caller's hash in Redis; on a cluster the caller is its hash tag: one slot."""
+        return KEY_PREFIX + ("{" + key + "}" if self._cluster is not None else key)
+
+    async def _probe_cluster(self) -> None:
+        """`_probe` on every master (concurrently), each with a key of a slot it serves, after
+        reading the slot map again: the script is loaded on each, and each accepts writes."""
+        assert self._cluster is not None
+        cluster = self._cluster
+        await cluster.refresh()
+        masters = cluster.masters()
+        if not masters or None in cluster.slots:
+            raise ClusterError("the cluster does not serve every slot")
+        keys: dict[tuple[str, int], bytes] = {}
+        n = 0
+        while len(keys) < len(masters):  # a few tries per master: its share of the slots
+            key = b"%s{%d}" % (self._probe_key.encode(), n)
+            keys.setdefault(cluster.slots[key_slot(key)], key)  # type: ignore[arg-type]
+            n += 1
+        head, tail = _packed_parts(self.sha, list(PROBE_ARGS))
+
+        async def one(key: bytes) -> None:
+            raw = await cluster.call(key, b"".join((head, _bulk(key), tail)), CHECK_LUA)
+            if not (
+                isinstance(raw, list) and len(raw) == 4 and all(type(v) is int for v in raw) and raw[0] == 1
+            ):
+                raise BadReply("the probe's reply")
+
+        tasks = [asyncio.ensure_future(one(k)) for k in keys.values()]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:  # one failed, or time is up: none is left waiting on a node
+                task.cancel()
+
+    async def _evalsha_cluster(self, key: str, packed: tuple[bytes, bytes]) -> list[Any]:
+        head, tail = packed
+        k = (KEY_PREFIX + "{" + key + "}").encode()
+        return await self._cluster.call(k, b"".join((head, b"$%d\r\n" % len(k), k, b"\r\n", tail)), CHECK_LUA)  # type: ignore[union-attr]
 
     async def _evalsha(self, key: str, packed: tuple[bytes, bytes]) -> list[Any]:
         head, tail = packed
@@ -492,7 +678,10 @@ class RedisBackend:
         # The pool's connections from before the outage are most likely dead: the first attempt on
         # one would fail for that alone, and global limiting resume an interval late.
         with contextlib.suppress(RedisError, OSError):
-            await self.redis.connection_pool.disconnect(inuse_connections=False)
+            if self._cluster is not None:
+                await self._cluster.drop_idle()
+            else:
+                await self.redis.connection_pool.disconnect(inuse_connections=False)
         while not self._closing:
             await asyncio.sleep(RECONNECT_INTERVAL_S)
             try:
@@ -540,6 +729,12 @@ class RedisBackend:
                     [pending.popitem(last=False) for _ in range(take)],
                 )
             token, entries = self._batch
+            if self._cluster is not None:
+                async with asyncio.timeout(REPLAY_TIMEOUT_S):
+                    await self._replay_cluster(token, entries)
+                self._batch = None
+                await asyncio.sleep(0)
+                continue
             command = self._replay_command(token, entries)
             if command is not None:  # None: nothing in it that a window still counts
                 async with asyncio.timeout(REPLAY_TIMEOUT_S):
@@ -552,6 +747,28 @@ class RedisBackend:
                     raise BadReply("a replay's reply")
             self._batch = None
             await asyncio.sleep(0)
+
+    async def _replay_cluster(self, token: str, entries: list[tuple[tuple[str, int], int]]) -> None:
+        """A batch on a cluster: one replay call per slot, its token key in that slot (tagged with
+        the slot's first caller, so a batch sent again names the same token keys). The slots
+        confirmed are dropped from the batch, so a batch cut short is sent again for the rest."""
+        assert self._cluster is not None
+        by_slot: dict[int, list[tuple[tuple[str, int], int]]] = {}
+        for entry in entries:
+            by_slot.setdefault(key_slot(self._key_name(entry[0][0]).encode()), []).append(entry)
+        done: set[int] = set()
+        try:
+            for slot, group in by_slot.items():
+                token_key = f"{REPLAY_TOKEN_PREFIX}{{{group[0][0][0]}}}{token}"
+                command = self._replay_command(token_key, group)
+                if command is not None:
+                    applied = await self._cluster.call(token_key.encode(), command, REPLAY_LUA)
+                    if applied not in (0, 1):
+                        raise BadReply("a replay's reply")
+                done.add(slot)
+        finally:
+            if done and len(done) < len(by_slot):
+                self._batch = (token, [e for s, g in by_slot.items() if s not in done for e in g])
 
     def _replay_command(self, token: str, entries: list[tuple[tuple[str, int], int]]) -> bytes | None:
         """The replay script's EVALSHA for a batch, in RESP: each caller once, with each of its
@@ -577,7 +794,7 @@ class RedisBackend:
         if not per_key:
             return None
         ttl = _bulk(b"%d" % (2 * 1000 * self._longest))  # the token matters as long as the counts
-        parts = [_bulk(token.encode()), *(_bulk((KEY_PREFIX + key).encode()) for key in per_key), ttl, ttl]
+        parts = [_bulk(token.encode()), *(_bulk(self._key_name(key).encode()) for key in per_key), ttl, ttl]
         for sums in per_key.values():
             parts.append(_bulk(b"%d" % len(sums)))
             for f, c in sums.items():
@@ -609,4 +826,7 @@ class RedisBackend:
         for conn in self._idle:
             await conn.disconnect()
         self._idle.clear()
-        await self.redis.aclose()
+        if self._cluster is not None:
+            await self._cluster.aclose()
+        else:
+            await self.redis.aclose()

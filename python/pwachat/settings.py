@@ -28,6 +28,9 @@ DEFAULT_ANTHROPIC_MODELS = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opu
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and concisely."
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+#: Redis Cluster: `redis+cluster://[user:password@]host:port[,host:port...][?options]` (the scheme
+#: the `limits` library uses too), with `rediss+cluster://` for TLS; each scheme to the one of a node.
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 #: Every spelling a client may use for a provider, to the one name responses and logs use.
 PROVIDER_ALIASES = {"openai": "openai", "claude": "claude", "anthropic": "claude", "echo": "echo"}
@@ -74,6 +77,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     sse_heartbeat_s: float = 15.0
     upstream_max_retries: int = 2
     request_body_timeout_s: float = 10.0
+    #: On SIGTERM, how long running streams may go on before they are ended with `shutting_down`
+    #: (Granian's worker kill timeout is a little longer; compose's stop_grace_period longer still).
+    shutdown_grace_s: float = 25.0
     #: How many requests one worker serves at once, held streams included (Granian's backpressure);
     #: past it, connections wait in the listen backlog.
     max_concurrency: int = 4096
@@ -163,6 +169,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             sse_heartbeat_s=r.float("SSE_HEARTBEAT_S", 15.0, lo=0.001),
             upstream_max_retries=r.int("UPSTREAM_MAX_RETRIES", 2, lo=0, hi=10),
             request_body_timeout_s=r.float("REQUEST_BODY_TIMEOUT_S", 10.0, lo=0.001),
+            shutdown_grace_s=r.float("SHUTDOWN_GRACE_S", 25.0, lo=0, hi=3600),
             max_concurrency=r.int("MAX_CONCURRENCY", 4096, lo=1, hi=1_000_000),
             log_level=r.choice("LOG_LEVEL", LOG_LEVELS, "INFO", upper=True) or "INFO",
             log_file=r.raw("LOG_FILE", "logs/app.log") or None,
@@ -259,11 +266,15 @@ class _Reader:
         if text == "memory://":
             return text
         scheme, sep, _ = text.partition("://")
-        if not sep or scheme not in REDIS_SCHEMES:
+        if not sep or (scheme not in REDIS_SCHEMES and scheme not in CLUSTER_SCHEMES):
             raise ConfigError(
-                f"{name}: expected memory://, redis://, rediss:// or unix:// URL, got a malformed value"
+                f"{name}: expected memory://, redis://, rediss://, unix://, redis+cluster:// or "
+                "rediss+cluster:// URL, got a malformed value"
             )
-        _check_redis_url(name, text)
+        if scheme in CLUSTER_SCHEMES:
+            _check_cluster_url(name, text)
+        else:
+            _check_redis_url(name, text)
         return text
 
     def networks(self, name: str) -> tuple[str, ...]:
@@ -362,6 +373,43 @@ def _check_redis_url(name: str, text: str) -> None:
         pool.make_connection()  # builds the connection object (what the limiter does); no I/O
     except Exception:
         raise ConfigError(f"{name}: a query option has a value redis-py cannot use") from None
+
+
+def split_cluster_url(text: str) -> tuple[str, tuple[tuple[str, int], ...]] | None:
+    """A `redis+cluster://` URL as redis-py's URL for one node (the first seed, with the same
+    credentials and options) and every seed node's (host, port); None for any other URL. The seeds
+    are where the limiter first asks for the cluster's slot map: list more than one so that a seed
+    down at start-up is not an outage."""
+    scheme, sep, rest = text.partition("://")
+    plain = CLUSTER_SCHEMES.get(scheme)
+    if not sep or plain is None:
+        return None
+    cut = re.search(r"[/?#]", rest)
+    netloc, tail = (rest[: cut.start()], rest[cut.start() :]) if cut else (rest, "")
+    userinfo, at, hosts = netloc.rpartition("@")
+    seeds = []
+    for item in hosts.split(","):
+        parts = urlsplit("//" + item)
+        seeds.append((parts.hostname or "", parts.port or 6379))
+    return f"{plain}://{userinfo}{at}{hosts.split(',')[0]}{tail}", tuple(seeds)
+
+
+def _check_cluster_url(name: str, text: str) -> None:
+    """A `redis+cluster://` URL: every seed a host (and port), database 0 (a cluster has no other),
+    then the first seed's URL checked as any redis:// URL (credentials, TLS and query options are
+    the same for every node). Nothing of the URL is quoted back."""
+    _, _, rest = text.partition("://")
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    for n, item in enumerate(netloc.rpartition("@")[2].split(","), 1):
+        parts = _split(name, "//" + item)
+        if not parts.hostname:
+            raise ConfigError(f"{name}: cluster seed {n} has no host name, like redis+cluster://host:7000")
+        _port(name, parts)
+    plain, _ = split_cluster_url(text)  # type: ignore[misc]
+    path = unquote(_split(name, plain).path)
+    if path not in ("", "/", "/0", "/0/"):
+        raise ConfigError(f"{name}: Redis Cluster has only database 0; the path must be empty or /0")
+    _check_redis_url(name, plain)
 
 
 def _redis_options(connection_class: type) -> frozenset[str]:
