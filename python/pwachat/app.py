@@ -13,7 +13,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components
 
-from pwachat import __version__
+from pwachat import __version__, drain, relay
 from pwachat.auth import token_guard
 from pwachat.edge import EdgeMiddleware
 from pwachat.errors import as_api_error, exception_handlers, send_error
@@ -46,9 +46,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
             policy=policy_header(settings),
             tokens=tuple(t.encode() for t in settings.api_tokens),
         )
+        # SIGTERM: new requests 503, running streams get SHUTDOWN_GRACE_S (in a Granian worker;
+        # see drain.py). The lifespan's end comes only once every request has ended.
+        undrain = drain.install(settings.shutdown_grace_s, relay.end_streams, relay.open_streams)
         try:
             yield
         finally:
+            undrain()
             await providers.aclose()
             await limiter.aclose()
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
 from pwachat.settings import ConfigError, Settings
 
-__all__ = ["main"]
+__all__ = ["KILL_MARGIN_S", "main"]
+
+#: How much longer than SHUTDOWN_GRACE_S Granian waits for a worker on SIGTERM before it kills it:
+#: time for the streams ended at the grace's end to send their last event and for the worker to
+#: exit. A container's stop timeout (compose's `stop_grace_period`) must exceed the sum.
+KILL_MARGIN_S = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,6 +90,10 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         backpressure=concurrency,
         backlog=min(max(1024, concurrency * workers), 65535),
         reload=args.reload,
+        # On SIGTERM Granian stops accepting and waits for every running request, by default for
+        # ever; the drain (pwachat/drain.py) ends the streams at SHUTDOWN_GRACE_S, and this bounds
+        # what is left (a non-stream chat still waiting for its provider) just after that.
+        workers_kill_timeout=math.ceil(settings.shutdown_grace_s) + KILL_MARGIN_S,
         log_access=False,
         log_level=settings.log_level.lower(),
         # Granian's own lines (start-up, worker spawns) as JSON too, like everything else on stdout.

@@ -6,8 +6,12 @@ disallowed origin gets no CORS header at all (Litestar still sends Allow-Methods
 Expose-Headers) and its preflight is not a text/plain 400; preflights never need a token.
 
 `EdgeMiddleware` sits outside the routes (see `app.py`), so 404s, 405s and CORS answers get
-the same headers and log line as everything else. It is plain ASGI on purpose: one pass over the
-headers, precomputed header lists, no per-request objects beyond what it must keep.
+the same headers and log line as everything else. While the process drains (SIGTERM, see
+`drain.py`), every request that still reaches it is answered `503 shutting_down`, the health
+routes too: a load balancer that still reaches this process learns that it is leaving.
+
+It is plain ASGI on purpose: one pass over the headers, precomputed header lists, no per-request
+objects beyond what it must keep.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import re
 import time
 from typing import Any
 
-from pwachat.errors import HttpsRequired, PanicException, as_api_error, send_error
+from pwachat.drain import DRAIN, RETRY_AFTER_S
+from pwachat.errors import HttpsRequired, PanicException, ShuttingDown, as_api_error, send_error
 from pwachat.logging import log_access
 from pwachat.settings import Settings
 
@@ -126,6 +131,9 @@ class EdgeMiddleware:
             await send(message)
 
         try:
+            if DRAIN.draining:
+                await send_error(send_wrapper, _shutting_down(), scope)
+                return
             if preflight:
                 await send_wrapper({"type": "http.response.start", "status": 204, "headers": []})
                 await send_wrapper({"type": "http.response.body", "body": b""})
@@ -169,6 +177,12 @@ class EdgeMiddleware:
                 await send({"type": "http.response.body", "body": b""})
                 return
         await send_error(send, HttpsRequired(), scope)
+
+
+def _shutting_down() -> ShuttingDown:
+    # `Connection: close` as well: the client should take its next request elsewhere (Granian adds
+    # it too once its own shutdown has reached the connection).
+    return ShuttingDown(headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
 
 
 _HOST = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")

@@ -13,6 +13,8 @@ Timing rules (contract, "POST /api/chat/stream"):
   between two chunks; either ends a committed stream with an `upstream_timeout` error event.
 - While the provider is silent for `SSE_HEARTBEAT_S`, a `: ping` comment goes out.
 - The client leaving closes the upstream connection at once.
+- On SIGTERM, streams get `SHUTDOWN_GRACE_S` to finish (`pwachat/drain.py`); the rest then end with
+  an `error` event `shutting_down`, their upstream connections closed (`end_streams`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import Any
 import msgspec
 
 from pwachat._native import PanicException, SseEncoder, sse_comment
-from pwachat.errors import ApiError, as_api_error, error_body
+from pwachat.drain import DRAIN
+from pwachat.errors import ApiError, ShuttingDown, as_api_error, error_body
 from pwachat.providers import (
     ChatInput,
     Provider,
@@ -36,7 +39,15 @@ from pwachat.providers import (
 )
 from pwachat.schemas import DoneEvent, StartEvent, Usage
 
-__all__ = ["NO_ANSWER", "EventStream", "abandon", "open_streams", "open_upstream", "reader_gone"]
+__all__ = [
+    "NO_ANSWER",
+    "EventStream",
+    "abandon",
+    "end_streams",
+    "open_streams",
+    "open_upstream",
+    "reader_gone",
+]
 
 log = logging.getLogger("pwachat.relay")
 
@@ -47,6 +58,21 @@ _open_streams = 0
 
 def open_streams() -> int:
     """Streams this process is relaying now (for /api/health's runtime block)."""
+    return _open_streams
+
+
+# -- the drain's end (see pwachat/drain.py) ---------------------------------------------------------
+# The upstreams being pulled now: a set entry per stream (no cost per event), so that the end of
+# the grace reaches every one of them. A stream still waiting for its head wakes on `DRAIN.ending`.
+_pulling: set[ProviderStream] = set()
+
+
+def end_streams() -> int:
+    """The drain's grace is over: close every upstream still being relayed, which wakes its relay
+    (a pending read fails); seeing `DRAIN.over`, it ends with an `error` event `shutting_down`.
+    Returns how many streams it ends (those waiting for their head included)."""
+    for stream in tuple(_pulling):
+        stream.abort()
     return _open_streams
 
 
@@ -238,10 +264,15 @@ class EventStream:
         while not self.opening.done():
             await flush(True)
             last_sent = loop.time()
-            await asyncio.wait((self.opening, gone), timeout=self.heartbeat_s, return_when="FIRST_COMPLETED")
+            waits = (self.opening, gone) if DRAIN.ending is None else (self.opening, gone, DRAIN.ending)
+            await asyncio.wait(waits, timeout=self.heartbeat_s, return_when="FIRST_COMPLETED")
             if gone.done():
                 fields["client_gone"] = True
                 return None
+            if DRAIN.over and not self.opening.done():
+                self.opening.cancel()  # the provider request goes with it
+                await asyncio.wait((self.opening,))
+                return await self._fail(ShuttingDown(), enc, pending, flush)
             if not self.opening.done():
                 pending.append(PING)
         error = self.opening.exception()
@@ -251,9 +282,13 @@ class EventStream:
         closer = _Closer(stream)  # the client leaving closes the upstream, waking a pending read
         gone.add_done_callback(closer)
         alarm = _Alarm(loop, stream)
+        _pulling.add(stream)
+        if DRAIN.over:  # the grace ended while this stream was being prepared
+            stream.abort()
         try:
             return await self._pull(stream, alarm, enc, pending, flush, gone, last_sent)
         finally:
+            _pulling.discard(stream)
             alarm.cancel()
 
     async def _pull(
@@ -314,7 +349,8 @@ class EventStream:
                 if gone.done():
                     fields["client_gone"] = True
                     return stream
-                return await self._fail(err, enc, pending, flush, stream)
+                # Past the drain's grace, the failure is `end_streams` closing the upstream.
+                return await self._fail(ShuttingDown() if DRAIN.over else err, enc, pending, flush, stream)
             last_chunk = loop.time()
 
     async def _fail(
