@@ -13,7 +13,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components
 
-from pwachat import __version__, drain, relay
+from pwachat import __version__, drain, metrics, relay
 from pwachat.auth import token_guard
 from pwachat.edge import EdgeMiddleware
 from pwachat.errors import as_api_error, exception_handlers, send_error
@@ -23,6 +23,7 @@ from pwachat.providers import build_providers
 from pwachat.ratelimit import create_backend, policy_header
 from pwachat.routes import BEARER_SCHEMES, api_router
 from pwachat.routes.chat import HOT_ROUTES
+from pwachat.routes.metrics import metrics_endpoint
 from pwachat.routes.pages import pages_router
 from pwachat.services import Services
 from pwachat.settings import Settings
@@ -57,8 +58,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await limiter.aclose()
 
     app = Litestar(
-        route_handlers=[api_router(settings), pages_router()],
-        lifespan=[lifespan],
+        route_handlers=[api_router(settings), pages_router(), metrics_endpoint],
+        # This worker's metrics file first (pwachat/metrics.py), so that it outlives the services.
+        lifespan=[metrics.lifespan(settings), lifespan],
         exception_handlers=exception_handlers,
         request_max_body_size=settings.max_body_bytes,
         # JSON only: the HTML viewers load scripts from CDNs, which the API's CSP (rightly) forbids.

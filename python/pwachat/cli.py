@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import math
 import os
+import shutil
 import sys
+import tempfile
 
 from pwachat.settings import ConfigError, Settings
 
@@ -67,6 +71,12 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     if handoff:
         os.environ[sdk_config.ENV_VAR] = handoff  # inherited by the workers Granian starts
+    with contextlib.suppress(OSError):  # no writable TMPDIR: each worker counts on its own
+        # The instance's metrics directory: each worker's file in it, summed by GET /metrics
+        # (pwachat/metrics.py); kept until this process exits, so a restarted worker's counts stay.
+        metrics_dir = tempfile.mkdtemp(prefix=f"pwachat-metrics-{os.getpid()}-")
+        atexit.register(shutil.rmtree, metrics_dir, True)
+        os.environ["PWACHAT_METRICS_DIR"] = metrics_dir
     host = args.host or settings.host
     port = args.port or settings.port
     workers = args.workers or settings.workers

@@ -24,6 +24,7 @@ from typing import Any
 from pwachat.drain import DRAIN, RETRY_AFTER_S
 from pwachat.errors import HttpsRequired, PanicException, ShuttingDown, as_api_error, send_error
 from pwachat.logging import log_access
+from pwachat.metrics import METRICS
 from pwachat.settings import Settings
 
 __all__ = ["EdgeMiddleware"]
@@ -154,14 +155,16 @@ class EdgeMiddleware:
             if status == 0:
                 await send_error(send_wrapper, err, scope)
         finally:
+            elapsed = time.perf_counter() - started
             fields.update(
                 request_id=rid,
                 method=scope["method"],
                 path=scope["path"],
                 status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                duration_ms=round(elapsed * 1000, 3),
             )
             log_access(fields)
+            METRICS.request(scope["path"], scope["method"], status, elapsed)
 
     async def _refuse_http(self, scope: dict[str, Any], send: Any) -> None:
         if scope["method"] in ("GET", "HEAD"):

@@ -29,6 +29,7 @@ import msgspec
 from pwachat._native import PanicException, SseEncoder, sse_comment
 from pwachat.drain import DRAIN
 from pwachat.errors import ApiError, ShuttingDown, as_api_error, error_body
+from pwachat.metrics import METRICS
 from pwachat.providers import (
     ChatInput,
     Provider,
@@ -218,6 +219,7 @@ class EventStream:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         global _open_streams  # a per-process gauge, read by /api/health
         _open_streams += 1
+        METRICS.stream_opened()  # pwachat_streams_active, summed over the workers
         fields = self.fields
         stream: ProviderStream | None = None
         enc = SseEncoder()
@@ -237,6 +239,7 @@ class EventStream:
                 await send({"type": "http.response.body", "body": event, "more_body": False})
         finally:
             _open_streams -= 1
+            METRICS.stream_closed()
             self.gone.cancel()
             if not self.opening.done():
                 abandon(self.opening)  # still waiting for the head

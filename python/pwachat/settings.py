@@ -83,12 +83,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: How many requests one worker serves at once, held streams included (Granian's backpressure);
     #: past it, connections wait in the listen backlog.
     max_concurrency: int = 4096
+    #: `GET /metrics` needs `Authorization: Bearer <this>` when set; when empty it answers loopback
+    #: peers only (404 to anyone else).
+    metrics_token: str = ""
 
     log_level: str = "INFO"
     log_file: str | None = "logs/app.log"
     # Internal: the providers' SDK-derived base URLs and headers, handed from `pwachat serve` to its
     # workers (see pwachat/sdk_config.py); not something to set by hand.
     provider_sdk_config: str | None = None
+    # Internal: the instance's metrics directory, made by `pwachat serve` and handed to its workers
+    # (see pwachat/metrics.py); not something to set by hand.
+    metrics_dir: str | None = None
 
     @property
     def production(self) -> bool:
@@ -171,9 +177,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             request_body_timeout_s=r.float("REQUEST_BODY_TIMEOUT_S", 10.0, lo=0.001),
             shutdown_grace_s=r.float("SHUTDOWN_GRACE_S", 25.0, lo=0, hi=3600),
             max_concurrency=r.int("MAX_CONCURRENCY", 4096, lo=1, hi=1_000_000),
+            metrics_token=r.raw("METRICS_TOKEN") or "",
             log_level=r.choice("LOG_LEVEL", LOG_LEVELS, "INFO", upper=True) or "INFO",
             log_file=r.raw("LOG_FILE", "logs/app.log") or None,
             provider_sdk_config=r.raw("PWACHAT_SDK_CONFIG") or None,
+            metrics_dir=r.raw("PWACHAT_METRICS_DIR") or None,
         )
         if s.default_provider is not None:
             name = PROVIDER_ALIASES[s.default_provider]

@@ -44,6 +44,7 @@ from pwachat.errors import (
     documented,
 )
 from pwachat.forwarded import client_ip
+from pwachat.metrics import METRICS
 from pwachat.providers import ChatInput, Provider, ProviderError, UpstreamTimeout
 from pwachat.ratelimit import caller_key, rate_limit_headers, refusal
 from pwachat.relay import NO_ANSWER, EventStream, abandon, open_upstream, reader_gone
@@ -201,6 +202,8 @@ async def prepare(scope: Any, receive: Any, svc: Services) -> Prepared:
     fields.update(provider=name, model=model)
 
     decision = await svc.limiter.hit(caller_key(client_ip(scope), token))
+    # Redis decided if it is still up after the hit (a failed round trip leaves it down: local).
+    METRICS.ratelimit(decision.allowed, "redis" if getattr(svc.limiter, "up", False) else "local")
     if not decision.allowed:
         raise refusal(decision, svc.policy)
     headers = rate_limit_headers(decision, svc.policy)
