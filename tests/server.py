@@ -11,9 +11,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PWACHAT = [sys.executable, "-m", "pwachat.cli"]
@@ -101,6 +102,18 @@ def start_server(tmp: Path, **env: str) -> Server:
         time.sleep(0.05)  # polling for readiness with a deadline, not synchronisation by sleep
     stop_server(server)
     raise RuntimeError(f"server did not become ready:\n{server.output()}")
+
+
+def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """`predicate()`'s first truthy value, asked every `interval` until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(interval)  # polling interval under a deadline
 
 
 def children(pid: int) -> list[int]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from fake_upstream import FakeUpstream
-from server import Server, split_response, sse_request, start_server, stop_server
+from server import Server, poll, split_response, sse_request, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
@@ -32,16 +32,6 @@ OPENAI_KEY = "sk-test-drain"
 GRACE_S = 3.0
 SHORT_CHUNKS = 15  # 0.1 s apart: ends about 1.5 s after it starts, within the grace
 LONG_CHUNKS = 300  # 30 s: far longer than the grace
-
-
-def poll(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)  # polling with a deadline
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Reader:
@@ -109,7 +99,7 @@ def _half_sent(port: int, head: bytes) -> socket.socket:
     """A new connection with the first half of a request head sent, read by the server."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(head[: len(head) // 2])
-    poll(lambda: _rx_queue(port, sock) == 0, 5, "the server to read the half-sent head")
+    poll(lambda: _rx_queue(port, sock) == 0, 5, "the server to read the half-sent head", interval=0.01)
     return sock
 
 
@@ -170,7 +160,7 @@ def _drain(srv: Server, fake: FakeUpstream) -> Drained:
 
     run = Drained(srv, time.monotonic())
     srv.proc.send_signal(signal.SIGTERM)
-    poll(lambda: _refused(srv.port), 5, "new connections to be refused")
+    poll(lambda: _refused(srv.port), 5, "new connections to be refused", interval=0.01)
     run.refused_at = time.monotonic()
     run.alive_when_refused = srv.proc.poll() is None
     heads = {"chat": CHAT_HEAD, "health": HEALTH_HEAD}

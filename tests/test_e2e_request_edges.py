@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from fake_upstream import FakeUpstream
-from server import Server, split_response, sse_request, start_server, stop_server
+from server import Server, poll, split_response, sse_request, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
@@ -50,16 +50,6 @@ def srv(tmp_path_factory: pytest.TempPathFactory, fake: FakeUpstream) -> Iterato
     )
     yield server
     stop_server(server)
-
-
-def poll(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)  # polling with a deadline
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def health_runtime(server: Server) -> dict:

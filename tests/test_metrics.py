@@ -19,7 +19,7 @@ from fake_upstream import FakeUpstream
 from pwachat import metrics
 from pwachat.metrics import HEADER, Layout, Metrics, render
 from pwachat.settings import Settings
-from server import Server, sse_request, start_server, stop_server
+from server import Server, poll, sse_request, start_server, stop_server
 
 OPENAI_KEY = "sk-test-metrics"
 
@@ -56,16 +56,6 @@ LABELS = {
     "pwachat_upstream_errors_total": {"gen_ai_provider_name", "code"},
     "pwachat_provider_fallbacks_total": {"from", "to"},
 }
-
-
-def poll(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)  # polling with a deadline
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def families(text: str) -> dict[str, object]:

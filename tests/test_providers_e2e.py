@@ -23,7 +23,7 @@ from conftest import LEAKS
 from fake_upstream import FakeUpstream
 from pwachat.providers import http_provider
 from reference import parse_sse
-from server import Server, free_port, sse_request, start_server, stop_server
+from server import Server, free_port, poll, sse_request, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
@@ -309,17 +309,6 @@ def health_runtime(srv: Server) -> dict[str, int]:
     status, _, raw = srv.request("GET", "/api/health")
     assert status == 200
     return json.loads(raw)["runtime"]
-
-
-def poll(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.02)  # polling interval under a deadline
 
 
 def access_line(srv: Server, request_id: str) -> dict[str, Any]:
