@@ -158,7 +158,7 @@ def test_every_family_of_the_contract_parses_with_its_type_and_labels(served: tu
     for name, names in LABELS.items():
         for s in found[name].samples:
             assert set(s.labels) - {"le"} == names, (name, s.labels)
-    # Registered but not yet counted families are there with their enum series, at zero.
+    # Families of features still to come are there with their enum series, at zero.
     assert sample(text, "pwachat_stream_resumes_total", outcome="not_found") == 0
     assert sample(text, "pwachat_redis_up") == 0  # memory:// limiter: no Redis
 
@@ -189,6 +189,82 @@ def test_a_held_stream_shows_in_streams_active(served: tuple[Server, Path], fake
         sample(text, "pwachat_http_requests_total", route="/api/chat/stream", method="POST", status="200")
         >= 1
     )
+
+
+def _stream(srv: Server, leave_after_first_delta: bool = False) -> bytes:
+    body = json.dumps({"message": "count me", "provider": "openai"}).encode()
+    sock = sse_request(srv.port, body)
+    try:
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+            if leave_after_first_delta and b"event: delta" in got:
+                break
+        return got
+    finally:
+        sock.close()
+
+
+def test_provider_calls_are_counted_by_outcome(served: tuple[Server, Path], fake: FakeUpstream) -> None:
+    """The gen_ai families, the stream outcomes and the upstream errors, each moved by exactly the
+    requests that should move it (both workers summed)."""
+    srv, _ = served
+    op = "gen_ai_client_operation_duration_seconds_count"
+    usage = "gen_ai_client_token_usage_sum"
+    ours = {"gen_ai_provider_name": "openai"}
+
+    def figures() -> dict[str, float]:
+        text = scrape(srv)
+        return {
+            "ok_calls": sample(text, op, error_type="", **ours),
+            "failed_calls": sample(text, op, error_type="upstream_error", **ours),
+            "ttft": sample(text, "gen_ai_server_time_to_first_token_seconds_count", **ours),
+            "input": sample(text, usage, gen_ai_token_type="input", **ours),
+            "output": sample(text, usage, gen_ai_token_type="output", **ours),
+            "done": sample(text, "pwachat_stream_events_total", outcome="done"),
+            "error": sample(text, "pwachat_stream_events_total", outcome="error"),
+            "cancelled": sample(text, "pwachat_stream_events_total", outcome="cancelled"),
+            "upstream_errors": sample(text, "pwachat_upstream_errors_total", code="upstream_error", **ours),
+        }
+
+    def moved_by(expected: dict[str, float], before: dict[str, float]) -> None:
+        def settled() -> dict[str, float] | None:
+            now = figures()
+            delta = {k: now[k] - before[k] for k in now}
+            return delta if delta == {k: expected.get(k, 0) for k in now} else None
+
+        poll(settled, 5, f"the counts to move by {expected} (now {figures()} from {before})")
+
+    # A whole stream: one successful call, its first token, its usage, `done`.
+    before = figures()
+    fake.behave("openai", count=1, chunks=4, input_tokens=17, output_tokens=23)
+    assert b"event: done" in _stream(srv)
+    moved_by({"ok_calls": 1, "ttft": 1, "input": 17, "output": 23, "done": 1}, before)
+
+    # A non-streamed chat: a call and its usage, no stream outcome.
+    before = figures()
+    fake.behave("openai", count=1, input_tokens=5, output_tokens=7)
+    status, _, _ = srv.post_json("/api/chat", {"message": "count me", "provider": "openai"})
+    assert status == 200
+    moved_by({"ok_calls": 1, "input": 5, "output": 7}, before)
+
+    # The provider refuses at once: a JSON error, a failed call and an upstream error; no stream.
+    before = figures()
+    fake.behave("openai", count=1, status=503)
+    assert _stream(srv).startswith(b"HTTP/1.1 502")
+    moved_by({"failed_calls": 1, "upstream_errors": 1}, before)
+
+    # The provider fails mid-stream: the `error` outcome, after a first token.
+    before = figures()
+    fake.behave("openai", count=1, chunks=5, error_event_after=2)
+    assert b"event: error" in _stream(srv)
+    moved_by({"failed_calls": 1, "upstream_errors": 1, "ttft": 1, "error": 1}, before)
+
+    # The reader leaves mid-stream: `cancelled`, and no call counted as served or failed.
+    before = figures()
+    fake.behave("openai", count=1, chunks=50, chunk_interval_s=0.1)
+    assert b"event: delta" in _stream(srv, leave_after_first_delta=True)
+    moved_by({"ttft": 1, "cancelled": 1}, before)
 
 
 def test_no_label_carries_text_token_ip_or_path(served: tuple[Server, Path]) -> None:

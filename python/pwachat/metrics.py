@@ -304,10 +304,15 @@ class Metrics:
     """This process's counts: a buffer of float slots laid out by `Layout`, in a file once `open`ed."""
 
     __slots__ = (
+        "_duration",
+        "_outcomes",
         "_ratelimit",
         "_requests",
         "_route_base",
         "_streams",
+        "_tokens",
+        "_ttft",
+        "_upstream_errors",
         "file",
         "layout",
         "mm",
@@ -339,6 +344,11 @@ class Metrics:
         self._route_base = {route: slot for (route,), slot in duration.index.items()}
         self._streams = fams["pwachat_streams_active"].base
         self._ratelimit = fams["pwachat_ratelimit_decisions_total"].index
+        self._duration = fams["gen_ai_client_operation_duration_seconds"].index
+        self._ttft = fams["gen_ai_server_time_to_first_token_seconds"].index
+        self._tokens = fams["gen_ai_client_token_usage"].index
+        self._upstream_errors = fams["pwachat_upstream_errors_total"].index
+        self._outcomes = fams["pwachat_stream_events_total"].index
 
     # -- the file ---------------------------------------------------------------------------------
 
@@ -412,6 +422,40 @@ class Metrics:
 
     def ratelimit(self, admitted: bool, source: str) -> None:
         self.mv[self._ratelimit[("admitted" if admitted else "refused", source)]] += 1.0
+
+    # -- per provider call (once a request or a stream, never per event) ----------------------------
+    # A provider or model outside the settings' sets (none can pass validation) is not counted.
+
+    def _observe(self, base: int | None, buckets: tuple[float, ...], value: float) -> None:
+        if base is None:
+            return
+        mv = self.mv
+        mv[base + bisect.bisect_left(buckets, value)] += 1.0
+        mv[base + len(buckets) + 1] += value
+        mv[base + len(buckets) + 2] += 1.0
+
+    def provider_call(self, provider: str, model: str, error: str, seconds: float) -> None:
+        """A provider call ended: from its request to its last byte (a stream's whole length);
+        `error` is the contract code it ended with, "" for success."""
+        self._observe(self._duration.get((provider, model, error)), GEN_AI_DURATION_BUCKETS, seconds)
+
+    def first_token(self, provider: str, model: str, seconds: float) -> None:
+        """A stream's first text, `seconds` after its provider request began."""
+        self._observe(self._ttft.get((provider, model)), GEN_AI_TTFT_BUCKETS, seconds)
+
+    def token_usage(self, provider: str, model: str, input_tokens: int, output_tokens: int) -> None:
+        self._observe(self._tokens.get((provider, model, "input")), GEN_AI_TOKEN_BUCKETS, input_tokens)
+        self._observe(self._tokens.get((provider, model, "output")), GEN_AI_TOKEN_BUCKETS, output_tokens)
+
+    def upstream_error(self, provider: str, code: str) -> None:
+        slot = self._upstream_errors.get((provider, code))
+        if slot is not None:
+            self.mv[slot] += 1.0
+
+    def stream_ended(self, outcome: str) -> None:
+        """`done`, `error`, `cancelled` (the reader left: with no grace period, the generation goes
+        with it) or `grace_expired`."""
+        self.mv[self._outcomes[(outcome,)]] += 1.0
 
 
 #: This process's one writer (see the module's docstring).

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 import msgspec
@@ -189,6 +190,7 @@ class EventStream:
         "opening",
         "provider",
         "request_id",
+        "started",
     )
 
     def __init__(
@@ -204,8 +206,10 @@ class EventStream:
         heartbeat_s: float,
         gap_s: float,
         gone: asyncio.Future[Any],
+        started: float,
     ) -> None:
         self.opening = opening
+        self.started = started  # time.monotonic() when the provider request began
         self.gone = gone  # ends when the reader disconnects (see `reader_gone`)
         self.chat_id = chat_id
         self.provider = provider
@@ -240,6 +244,13 @@ class EventStream:
         finally:
             _open_streams -= 1
             METRICS.stream_closed()
+            # A stream the provider finished is `done` even if its last send found the reader gone.
+            if "error" in fields:
+                METRICS.stream_ended("error")
+            elif "finish_reason" in fields:
+                METRICS.stream_ended("done")
+            else:
+                METRICS.stream_ended("cancelled")
             self.gone.cancel()
             if not self.opening.done():
                 abandon(self.opening)  # still waiting for the head
@@ -313,6 +324,8 @@ class EventStream:
         deltas = stream.ready()
         while True:
             if deltas:
+                if not chars:
+                    METRICS.first_token(self.provider, self.model, time.monotonic() - self.started)
                 chars += sum(map(len, deltas))
                 fields["output_chars"] = chars
                 pending.append(enc.deltas(deltas))
@@ -322,6 +335,8 @@ class EventStream:
                     input_tokens=stream.input_tokens,
                     output_tokens=stream.output_tokens,
                 )
+                METRICS.provider_call(self.provider, self.model, "", time.monotonic() - self.started)
+                METRICS.token_usage(self.provider, self.model, stream.input_tokens, stream.output_tokens)
                 usage = Usage(stream.input_tokens, stream.output_tokens)
                 pending.append(enc.event("done", _encode(DoneEvent(stream.finish_reason, usage))))
                 await flush(False)
@@ -363,6 +378,9 @@ class EventStream:
             log.error("provider stream failed", exc_info=err, extra={"request_id": self.request_id})
             err = UpstreamError("The provider failed")
         self.fields["error"] = err.code
+        if isinstance(err, ProviderError):
+            METRICS.upstream_error(self.provider, err.code)
+        METRICS.provider_call(self.provider, self.model, err.code, time.monotonic() - self.started)
         pending.append(enc.event("error", error_body(err.code, err.message, self.request_id)))
         await flush(False)
         return stream

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -250,14 +251,21 @@ class JsonAnswer:
 async def answer_chat(scope: Any, receive: Any, svc: Services) -> JsonAnswer:
     """POST /api/chat: the provider's whole answer, as one JSON body."""
     p = await prepare(scope, receive, svc)
+    name, model = p.provider.name, p.chat.model
+    started = time.monotonic()
     try:
         async with asyncio.timeout(svc.settings.upstream_timeout_s):
             done = await p.provider.complete(p.chat)
-    except TimeoutError:
-        raise _with_headers(UpstreamTimeout("The provider did not answer in time"), p.headers) from None
-    except ProviderError as err:
+    except (TimeoutError, ProviderError) as exc:
+        err = (
+            exc if isinstance(exc, ProviderError) else UpstreamTimeout("The provider did not answer in time")
+        )
         p.log["error"] = err.code
+        METRICS.upstream_error(name, err.code)
+        METRICS.provider_call(name, model, err.code, time.monotonic() - started)
         raise _with_headers(err, p.headers) from None
+    METRICS.provider_call(name, model, "", time.monotonic() - started)
+    METRICS.token_usage(name, model, done.input_tokens, done.output_tokens)
     p.log.update(finish_reason=done.finish_reason, output_chars=len(done.text))
     body = ChatResponse(
         id=p.chat_id,
@@ -276,6 +284,7 @@ async def answer_stream(scope: Any, receive: Any, svc: Services) -> RawApp:
     p = await prepare(scope, receive, svc)
     p.log.update(stream=True, events=0, output_chars=0)
     request_id = scope["state"]["request_id"]
+    started = time.monotonic()
     opening = open_upstream(p.provider, p.chat, settings.upstream_timeout_s, request_id)
     gone = reader_gone(receive)
     try:
@@ -291,7 +300,9 @@ async def answer_stream(scope: Any, receive: Any, svc: Services) -> RawApp:
         return NO_ANSWER
     if opening.done() and (error := opening.exception()) is not None:
         gone.cancel()
-        p.log["error"] = getattr(error, "code", "upstream_error")
+        code = p.log["error"] = getattr(error, "code", "upstream_error")
+        METRICS.upstream_error(p.provider.name, code)
+        METRICS.provider_call(p.provider.name, p.chat.model, code, time.monotonic() - started)
         if isinstance(error, ApiError):
             raise _with_headers(error, p.headers)
         raise error
@@ -306,6 +317,7 @@ async def answer_stream(scope: Any, receive: Any, svc: Services) -> RawApp:
         heartbeat_s=settings.sse_heartbeat_s,
         gap_s=settings.upstream_timeout_s,
         gone=gone,
+        started=started,
     )
 
 
