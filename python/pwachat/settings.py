@@ -19,7 +19,7 @@ from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 import msgspec
 from dotenv import dotenv_values
 
-__all__ = ["PROVIDER_ALIASES", "ConfigError", "Settings"]
+__all__ = ["BUILTIN_PROVIDERS", "PROVIDER_ALIASES", "ConfigError", "ProviderSpec", "Settings"]
 
 T = TypeVar("T")
 
@@ -32,8 +32,79 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")
 #: the `limits` library uses too), with `rediss+cluster://` for TLS; each scheme to the one of a node.
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
-#: Every spelling a client may use for a provider, to the one name responses and logs use.
-PROVIDER_ALIASES = {"openai": "openai", "claude": "claude", "anthropic": "claude", "echo": "echo"}
+
+class ProviderSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """One provider: who it is and, once the settings are read, how to reach it.
+
+    The one place a provider's identity is written: settings, the provider objects
+    (`providers/__init__.py:build_providers`), `/api/models`, `/api/health`, the SDK hand-off and
+    the metrics label sets all read `Settings.providers`, a tuple of these: `BUILTIN_PROVIDERS`
+    filled in from their variables, with the `PROVIDERS` entries before `echo`.
+    """
+
+    #: The canonical name: what requests may send, and what answers, logs, health and metrics say.
+    name: str
+    #: The human name: `/api/models` (the PWA's picker shows it) and error messages.
+    label: str
+    #: The wire format: the request body and stream parser, and which official SDK says the headers.
+    format: Literal["openai", "anthropic", "echo"]
+    #: `module:Class` of the provider object; imported only when the provider can serve.
+    factory: str
+    #: Other spellings a request may use for `name` (any case).
+    aliases: tuple[str, ...] = ()
+    #: The prefix of its variables: `{env}_API_KEY`, `{env}_BASE_URL`, `{env}_MODELS` (echo has none).
+    env: str = ""
+    models: tuple[str, ...] = ()  # the first is the default
+    api_key: str | None = None
+    base_url: str | None = None  # None: the SDK's default (the vendor's public API)
+    #: Without a key it cannot serve, unless its base URL is on this host (the vendors' own APIs).
+    key_required: bool = False
+    builtin: bool = True
+
+
+#: The provider objects of each wire format, for the `PROVIDERS` entries (`N_FORMAT`).
+FORMAT_FACTORIES = {
+    "openai": "pwachat.providers.openai:OpenAIProvider",
+    "anthropic": "pwachat.providers.anthropic:AnthropicProvider",
+}
+
+#: The built-in providers, in the order `/api/models` lists them (custom ones go before `echo`).
+BUILTIN_PROVIDERS = (
+    ProviderSpec(
+        name="openai",
+        label="OpenAI",
+        format="openai",
+        factory=FORMAT_FACTORIES["openai"],
+        env="OPENAI",
+        models=DEFAULT_OPENAI_MODELS,
+        key_required=True,
+    ),
+    ProviderSpec(
+        name="claude",
+        label="Anthropic",
+        format="anthropic",
+        factory=FORMAT_FACTORIES["anthropic"],
+        aliases=("anthropic",),
+        env="ANTHROPIC",
+        models=DEFAULT_ANTHROPIC_MODELS,
+        key_required=True,
+    ),
+    # Switched by ECHO_PROVIDER; no variables of its own.
+    ProviderSpec(
+        name="echo",
+        label="Echo (offline)",
+        format="echo",
+        factory="pwachat.providers.echo:EchoProvider",
+        models=("echo",),
+    ),
+)
+
+#: Every spelling a client may use for a built-in provider, to the one name responses and logs use
+#: (`Settings.provider_aliases` has the `PROVIDERS` entries too).
+PROVIDER_ALIASES = {a: spec.name for spec in BUILTIN_PROVIDERS for a in (spec.name, *spec.aliases)}
+#: A `PROVIDERS` entry: lower case, a letter first, at most 32 characters (also a variable prefix).
+PROVIDER_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+PROVIDER_FORMATS = ("openai", "anthropic")
 
 _ON = {"1", "true", "yes", "on"}
 _OFF = {"0", "false", "no", "off"}
@@ -50,12 +121,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 5000
     workers: int = 1
 
-    openai_api_key: str | None = None
-    openai_base_url: str | None = None
-    openai_models: tuple[str, ...] = DEFAULT_OPENAI_MODELS
-    anthropic_api_key: str | None = None
-    anthropic_base_url: str | None = None
-    anthropic_models: tuple[str, ...] = DEFAULT_ANTHROPIC_MODELS
+    #: Every provider this deployment knows, serving or not (see `ProviderSpec`): the built-ins with
+    #: OPENAI_* / ANTHROPIC_* filled in, and the PROVIDERS entries (their N_* variables) before echo.
+    providers: tuple[ProviderSpec, ...] = BUILTIN_PROVIDERS
     default_provider: str | None = None
     echo_provider: bool = True
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
@@ -109,16 +177,63 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             (self.ratelimit_per_day, 86400),
         ]
 
+    def provider(self, name: str) -> ProviderSpec:
+        """The provider of that canonical name (KeyError if none)."""
+        for spec in self.providers:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    @property
+    def provider_aliases(self) -> dict[str, str]:
+        """Every spelling a request may use, to the canonical name."""
+        return {a: spec.name for spec in self.providers for a in (spec.name, *spec.aliases)}
+
     @property
     def provider_models(self) -> dict[str, tuple[str, ...]]:
-        return {"openai": self.openai_models, "claude": self.anthropic_models, "echo": ("echo",)}
+        """Each known provider's models, serving or not, in the table's order."""
+        return {spec.name: spec.models for spec in self.providers}
 
     def provider_configured(self, name: str) -> bool:
-        if name == "openai":
-            return bool(self.openai_api_key)
-        if name == "claude":
-            return bool(self.anthropic_api_key)
-        return name == "echo" and self.echo_provider
+        """Whether that provider can serve: echo when switched on; a built-in vendor with its key,
+        or without one against a server on this host (Ollama, vLLM, llama.cpp); a PROVIDERS entry
+        always (its key is optional)."""
+        spec = next((s for s in self.providers if s.name == name), None)
+        if spec is None:
+            return False
+        if spec.format == "echo":
+            return self.echo_provider
+        return bool(spec.api_key) or not spec.key_required or is_loopback_url(spec.base_url)
+
+    @property
+    def needs_sdk(self) -> bool:
+        """Whether a serving provider talks HTTP, so that the SDKs' client configuration is needed."""
+        return any(s.format != "echo" and self.provider_configured(s.name) for s in self.providers)
+
+    # The built-ins' values by their old names (the table is what they read).
+    @property
+    def openai_api_key(self) -> str | None:
+        return self.provider("openai").api_key
+
+    @property
+    def openai_base_url(self) -> str | None:
+        return self.provider("openai").base_url
+
+    @property
+    def openai_models(self) -> tuple[str, ...]:
+        return self.provider("openai").models
+
+    @property
+    def anthropic_api_key(self) -> str | None:
+        return self.provider("claude").api_key
+
+    @property
+    def anthropic_base_url(self) -> str | None:
+        return self.provider("claude").base_url
+
+    @property
+    def anthropic_models(self) -> tuple[str, ...]:
+        return self.provider("claude").models
 
     @classmethod
     def from_env(
@@ -144,19 +259,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 raise ConfigError("SECRET_KEY: must be set when APP_ENV=production")
             secret_key = secrets.token_urlsafe(32)
 
+        providers = _read_providers(r)
+        aliases = {a: spec.name for spec in providers for a in (spec.name, *spec.aliases)}
         s = cls(
             app_env=app_env,  # type: ignore[arg-type]
             secret_key=secret_key,
             host=r.str("HOST") or "127.0.0.1",
             port=r.int("PORT", 5000, lo=1, hi=65535),
             workers=r.int("WORKERS", 1, lo=1, hi=512),
-            openai_api_key=r.str("OPENAI_API_KEY"),
-            openai_base_url=r.url("OPENAI_BASE_URL"),
-            openai_models=r.list("OPENAI_MODELS") or DEFAULT_OPENAI_MODELS,
-            anthropic_api_key=r.str("ANTHROPIC_API_KEY"),
-            anthropic_base_url=r.url("ANTHROPIC_BASE_URL"),
-            anthropic_models=r.list("ANTHROPIC_MODELS") or DEFAULT_ANTHROPIC_MODELS,
-            default_provider=r.choice("DEFAULT_PROVIDER", tuple(PROVIDER_ALIASES), None),
+            providers=providers,
+            default_provider=r.choice("DEFAULT_PROVIDER", tuple(aliases), None),
             echo_provider=r.bool("ECHO_PROVIDER", not production),
             system_prompt=r.str("SYSTEM_PROMPT") or DEFAULT_SYSTEM_PROMPT,
             redis_url=r.redis_url("REDIS_URL"),
@@ -184,7 +296,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             metrics_dir=r.raw("PWACHAT_METRICS_DIR") or None,
         )
         if s.default_provider is not None:
-            name = PROVIDER_ALIASES[s.default_provider]
+            name = aliases[s.default_provider]
             if not s.provider_configured(name):
                 raise ConfigError(
                     f"DEFAULT_PROVIDER: {s.default_provider!r} cannot serve "
@@ -192,9 +304,77 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 )
             s = msgspec.structs.replace(s, default_provider=name)
         else:
-            first = next((p for p in ("openai", "claude", "echo") if s.provider_configured(p)), None)
+            first = next((p.name for p in providers if s.provider_configured(p.name)), None)
             s = msgspec.structs.replace(s, default_provider=first)
         return s
+
+
+def _read_providers(r: _Reader) -> tuple[ProviderSpec, ...]:
+    """The table: the built-ins with their variables, then each PROVIDERS entry (before echo)."""
+    builtins = [
+        spec
+        if not spec.env
+        else msgspec.structs.replace(
+            spec,
+            api_key=r.str(f"{spec.env}_API_KEY"),
+            base_url=r.url(f"{spec.env}_BASE_URL"),
+            models=r.list(f"{spec.env}_MODELS") or spec.models,
+        )
+        for spec in BUILTIN_PROVIDERS
+    ]
+    taken: set[str] = set()
+    custom = []
+    for n, name in enumerate(r.list("PROVIDERS"), 1):
+        if not PROVIDER_NAME.fullmatch(name):
+            raise ConfigError(
+                f"PROVIDERS: item {n} ({name[:40]!r}) must be a lower-case name like local or groq "
+                "(a letter, then up to 31 letters, digits or _)"
+            )
+        if name in PROVIDER_ALIASES:
+            raise ConfigError(f"PROVIDERS: {name!r} is a built-in provider's name; choose another")
+        if name in taken:
+            raise ConfigError(f"PROVIDERS: {name!r} is listed twice")
+        taken.add(name)
+        env = name.upper()
+        base_url = r.url(f"{env}_BASE_URL")
+        if base_url is None:
+            raise ConfigError(f"{env}_BASE_URL: must be set for the provider {name!r} named in PROVIDERS")
+        models = r.list(f"{env}_MODELS")
+        if not models:
+            raise ConfigError(
+                f"{env}_MODELS: must list the models of the provider {name!r} "
+                "(comma-separated, the first its default)"
+            )
+        wire = r.choice(f"{env}_FORMAT", PROVIDER_FORMATS, "openai") or "openai"
+        custom.append(
+            ProviderSpec(
+                name=name,
+                label=r.str(f"{env}_LABEL") or name,
+                format=wire,  # type: ignore[arg-type]
+                factory=FORMAT_FACTORIES[wire],
+                env=env,
+                models=models,
+                api_key=r.str(f"{env}_API_KEY"),
+                base_url=base_url,
+                builtin=False,
+            )
+        )
+    # Before echo: the first that can serve is the default provider, and echo is the offline last resort.
+    at = next((i for i, spec in enumerate(builtins) if spec.format == "echo"), len(builtins))
+    return (*builtins[:at], *custom, *builtins[at:])
+
+
+def is_loopback_url(url: str | None) -> bool:
+    """Whether the URL's host is this machine: `localhost` (or a name under it) or a loopback IP."""
+    host = urlsplit(url).hostname if url else None
+    if not host:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _Reader:

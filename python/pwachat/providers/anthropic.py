@@ -1,4 +1,5 @@
-"""Anthropic (Claude), answering as `claude`.
+"""Anthropic (Claude), answering as `claude`, and any Anthropic-compatible server (a `PROVIDERS`
+entry with `N_FORMAT=anthropic`): one object per provider of this format.
 
 As for OpenAI: the official `anthropic` SDK client supplies the base URL, the auth and version
 headers and the retry count; requests take the pooled raw path and answers are decoded by msgspec
@@ -21,11 +22,10 @@ from pwachat.providers.base import (
     normalise_finish_reason,
 )
 from pwachat.providers.http_provider import HttpProvider
-from pwachat.settings import Settings
+from pwachat.settings import ProviderSpec, Settings
 
 __all__ = ["AnthropicProvider"]
 
-LABEL = "Anthropic"
 _encode = msgspec.json.Encoder().encode
 
 
@@ -49,13 +49,16 @@ _decode_message = msgspec.json.Decoder(_Message).decode
 
 
 class AnthropicProvider(HttpProvider):
-    name = "claude"
-    label = LABEL
     kind = "anthropic"
     path = "/v1/messages"
 
-    def __init__(self, settings: Settings, base_url: str, headers: dict[str, str]) -> None:
-        super().__init__(settings.anthropic_models, settings, base_url, headers)
+    def __init__(
+        self, settings: Settings, base_url: str, headers: dict[str, str], spec: ProviderSpec | None = None
+    ) -> None:
+        # `spec`: which provider of the table this is (default the built-in `claude`).
+        spec = spec if spec is not None else settings.provider("claude")
+        self.name, self.label = spec.name, spec.label
+        super().__init__(spec.models, settings, base_url, headers)
 
     def _body(self, chat: ChatInput, stream: bool) -> bytes:
         messages = [{"role": role, "content": content} for role, content in chat.history]
@@ -83,14 +86,14 @@ class AnthropicProvider(HttpProvider):
 
     def _map_status(self, status: int, headers: Mapping[str, str]) -> ProviderError:
         if status == 529:
-            return UpstreamError(f"{LABEL} is overloaded (HTTP 529)")
+            return UpstreamError(f"{self.label} is overloaded (HTTP 529)")
         return super()._map_status(status, headers)
 
     def _map_event_error(self, kind: str, message: str) -> ProviderError:
         if kind == "rate_limit_error":
-            return UpstreamRateLimited(f"{LABEL} is rate limiting requests; try again later")
+            return UpstreamRateLimited(f"{self.label} is rate limiting requests; try again later")
         if kind == "overloaded_error":
-            return UpstreamError(f"{LABEL} is overloaded; try again later")
+            return UpstreamError(f"{self.label} is overloaded; try again later")
         if kind == "timeout_error":
-            return UpstreamTimeout(f"{LABEL} timed out")
-        return UpstreamError(f"{LABEL} reported an error mid-stream ({kind})")
+            return UpstreamTimeout(f"{self.label} timed out")
+        return UpstreamError(f"{self.label} reported an error mid-stream ({kind})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from pwachat.providers.base import ChatInput, Completion
+from pwachat.settings import ProviderSpec, Settings
 
 __all__ = ["EchoProvider"]
 
@@ -63,11 +64,10 @@ class EchoStream:
 
 
 class EchoProvider:
-    name = "echo"
-    label = "Echo (offline)"
-
-    def __init__(self) -> None:
-        self.models = ("echo",)
+    def __init__(self, settings: Settings, spec: ProviderSpec | None = None) -> None:
+        # Nothing to connect to; its entry in the settings' provider table names it.
+        spec = spec if spec is not None else settings.provider("echo")
+        self.name, self.label, self.models = spec.name, spec.label, spec.models
 
     async def complete(self, chat: ChatInput) -> Completion:
         pieces, finish = _pieces(_answer(chat), chat.max_tokens)

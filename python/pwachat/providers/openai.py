@@ -1,4 +1,5 @@
-"""OpenAI, and any OpenAI-compatible server (`OPENAI_BASE_URL`: Ollama, vLLM, llama.cpp, ...).
+"""OpenAI, and any OpenAI-compatible server (`OPENAI_BASE_URL`, or a `PROVIDERS` entry with
+`N_FORMAT=openai`: Ollama, vLLM, llama.cpp, Groq, ...): one object per provider of this format.
 
 The official `openai` SDK client is made once at start-up for what it knows best: the default base
 URL, the auth and identification headers, the retry count. Requests go through the pooled raw path
@@ -18,11 +19,10 @@ from pwachat.providers.base import (
     normalise_finish_reason,
 )
 from pwachat.providers.http_provider import HttpProvider
-from pwachat.settings import Settings
+from pwachat.settings import ProviderSpec, Settings
 
 __all__ = ["OpenAIProvider"]
 
-LABEL = "OpenAI"
 _encode = msgspec.json.Encoder().encode
 
 
@@ -49,13 +49,16 @@ _decode_completion = msgspec.json.Decoder(_Completion).decode
 
 
 class OpenAIProvider(HttpProvider):
-    name = "openai"
-    label = LABEL
     kind = "openai"
     path = "/chat/completions"
 
-    def __init__(self, settings: Settings, base_url: str, headers: dict[str, str]) -> None:
-        super().__init__(settings.openai_models, settings, base_url, headers)
+    def __init__(
+        self, settings: Settings, base_url: str, headers: dict[str, str], spec: ProviderSpec | None = None
+    ) -> None:
+        # `spec`: which provider of the table this is (default the built-in `openai`).
+        spec = spec if spec is not None else settings.provider("openai")
+        self.name, self.label = spec.name, spec.label
+        super().__init__(spec.models, settings, base_url, headers)
 
     def _body(self, chat: ChatInput, stream: bool) -> bytes:
         messages = [{"role": "system", "content": chat.system}]
@@ -87,5 +90,5 @@ class OpenAIProvider(HttpProvider):
     def _map_event_error(self, kind: str, message: str) -> ProviderError:
         # The provider's own message may quote the request; ours names only the kind of failure.
         if kind in ("rate_limit_exceeded", "rate_limit_error", "insufficient_quota"):
-            return UpstreamRateLimited(f"{LABEL} is rate limiting requests; try again later")
-        return UpstreamError(f"{LABEL} reported an error mid-stream ({kind})")
+            return UpstreamRateLimited(f"{self.label} is rate limiting requests; try again later")
+        return UpstreamError(f"{self.label} reported an error mid-stream ({kind})")

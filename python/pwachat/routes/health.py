@@ -29,7 +29,8 @@ async def health(state: State) -> HealthResponse:
         for name, models in svc.providers.models.items()
     }
     redis = await svc.limiter.redis_state()
-    real = any(name in svc.providers.serving for name in ("openai", "claude"))
+    # A real provider: any that serves but the offline echo.
+    real = any(svc.providers.specs[name].format != "echo" for name in svc.providers.serving)
     return HealthResponse(
         status="ok" if real and redis != "unavailable" else "degraded",
         version=__version__,

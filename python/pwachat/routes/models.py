@@ -9,7 +9,6 @@ from litestar.datastructures import State
 
 from pwachat.auth import authorize
 from pwachat.errors import Unauthorized, documented
-from pwachat.providers import LABELS
 from pwachat.schemas import ModelInfo, ModelsResponse
 from pwachat.services import Services
 
@@ -20,8 +19,10 @@ __all__ = ["models"]
 async def models(request: Request[Any, Any, Any], state: State) -> ModelsResponse:
     svc: Services = state.services
     authorize(request.scope, svc)
+    # Each with its provider's label (PROVIDERS' N_LABEL, or the built-in's), which the PWA's picker shows.
+    labels = svc.providers.labels
     out = [
-        ModelInfo(id=model, provider=name, default=i == 0, label=LABELS[name] if name == "echo" else None)
+        ModelInfo(id=model, provider=name, default=i == 0, label=labels[name])
         for name, provider in svc.providers.serving.items()
         for i, model in enumerate(provider.models)
     ]
