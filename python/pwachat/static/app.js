@@ -7,7 +7,6 @@ const CONTENT_MAX = 4000; // the default MAX_MESSAGE_CHARS, which also bounds ea
 const STORE_MAX = 200; // kept on screen and in localStorage; only the last HISTORY_MAX are sent
 const RETRY_MS = 10_000;
 const KEY = { history: 'pwachat.history', choice: 'pwachat.choice', token: 'pwachat.token' };
-const PROVIDER_NAMES = { openai: 'OpenAI', claude: 'Anthropic', echo: 'Echo (offline)' };
 
 // WHATWG "interpret an event stream": CR, LF or CRLF end a line, a blank line dispatches,
 // `data` lines join with "\n", comments (the server's ": ping") are ignored, and the last
@@ -156,8 +155,9 @@ async function refreshQuota() {
 
 // ---- providers and models ------------------------------------------------------------------
 
+// The server's provider table names each provider (`label` in /api/models), custom ones too.
 function providerLabel(p) {
-  return models.find((m) => m.provider === p && m.label)?.label ?? PROVIDER_NAMES[p] ?? p;
+  return models.find((m) => m.provider === p && m.label)?.label ?? p;
 }
 
 function fillPickers() {
