@@ -135,7 +135,7 @@ def _schema_404_as_json(response: Response) -> Response:
 def create_app_from_env() -> Litestar:
     """The factory Granian calls in each worker process."""
     settings = Settings.from_env()
-    if settings.provider_sdk_config or not (settings.openai_api_key or settings.anthropic_api_key):
+    if settings.provider_sdk_config or not settings.needs_sdk:
         # Litestar loads its pydantic plugins whenever pydantic can be imported (the provider SDKs
         # bring it along); this app has no pydantic models, and a worker that never imports the SDKs
         # (pwachat/sdk_config.py) saves the 8 MB. Only then: without the hand-off the SDKs are imported.
