@@ -15,6 +15,18 @@ Routes (one server, both providers):
 The answer is ``"Echo from <provider>: <last user message>"`` in word-sized deltas unless set. Failures are
 injected per provider with :meth:`FakeUpstream.behave` (or the control route); see :data:`PARAMS`.
 
+Usage is counted as words: ``input_tokens`` the words of the system prompt and messages (at least 1),
+``output_tokens`` the deltas (``input_tokens``/``output_tokens`` override them). ``omit_usage`` answers as
+servers that do not count do:
+
+- OpenAI: no ``usage`` in the body (the SDK reads ``usage=None``: the field is optional) and, streamed, no
+  usage chunk (nor ``"usage": null`` on the chunks) whatever ``stream_options.include_usage`` says: the
+  finish chunk, then ``[DONE]``, as the llama.cpp server tried in issue 12 streamed;
+- Anthropic: the usage fields are there (the SDK requires them) but 0: ``message_start`` with
+  ``input_tokens: 0, output_tokens: 0`` and ``message_delta`` with ``output_tokens: 0``, the body's
+  ``usage`` likewise. llama.cpp's ``/v1/messages`` writes ``output_tokens: 0`` in ``message_start``, and
+  ``input_tokens`` there leaves out cached prompt tokens, 0 for a prompt it had cached whole.
+
 Run as its own process (the load bench runs it on another core)::
 
     python tests/fake_upstream.py --host 127.0.0.1 --port 0   # prints "LISTENING http://127.0.0.1:PORT"
@@ -102,6 +114,7 @@ class Behaviour:
     finish_reason: str | None = None  # OpenAI finish_reason / Anthropic stop_reason override
     input_tokens: int | None = None  # usage override (OpenAI prompt_tokens)
     output_tokens: int | None = None  # usage override (OpenAI completion_tokens)
+    omit_usage: bool = False  # report no usage, as servers that do not count (module docstring)
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -122,6 +135,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "finish_reason": (str,),
     "input_tokens": (int,),
     "output_tokens": (int,),
+    "omit_usage": (bool,),
 }
 PARAMS = tuple(f.name for f in fields(Behaviour))
 _NULLABLE = {f.name for f in fields(Behaviour) if f.default is None}
@@ -330,6 +344,7 @@ class _Answer:
     msg_id: str
     stream: bool
     include_usage: bool
+    omit_usage: bool
 
 
 class FakeServer:
@@ -590,7 +605,8 @@ class FakeServer:
             model=body["model"],
             msg_id=msg_id,
             stream=body.get("stream") is True,
-            include_usage=isinstance(opts, dict) and opts.get("include_usage") is True,
+            include_usage=isinstance(opts, dict) and opts.get("include_usage") is True and not b.omit_usage,
+            omit_usage=b.omit_usage,
         )
 
     async def _completion(self, request: web.Request, rec: dict, provider: str) -> web.StreamResponse:
@@ -918,7 +934,7 @@ def _openai_message(ans: _Answer) -> dict:
                 "finish_reason": ans.finish,
             }
         ],
-        "usage": _openai_usage(ans),
+        **({} if ans.omit_usage else {"usage": _openai_usage(ans)}),
         "service_tier": "default",
         "system_fingerprint": "fp_fake",
     }
@@ -957,8 +973,8 @@ def _openai_events(ans: _Answer, b: Behaviour) -> tuple[bytes, list[bytes], byte
 
 def _anthropic_usage(ans: _Answer) -> dict:
     return {
-        "input_tokens": ans.input_tokens,
-        "output_tokens": ans.output_tokens,
+        "input_tokens": 0 if ans.omit_usage else ans.input_tokens,
+        "output_tokens": 0 if ans.omit_usage else ans.output_tokens,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
         "service_tier": "standard",
@@ -991,7 +1007,7 @@ def _anthropic_events(ans: _Answer, b: Behaviour) -> tuple[bytes, list[bytes], b
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": {**_anthropic_usage(ans), "output_tokens": 1},
+        "usage": {**_anthropic_usage(ans), "output_tokens": 0 if ans.omit_usage else 1},
     }
     head = (
         _sse("message_start", {"type": "message_start", "message": start})
@@ -1014,7 +1030,7 @@ def _anthropic_events(ans: _Answer, b: Behaviour) -> tuple[bytes, list[bytes], b
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": ans.finish, "stop_sequence": None},
-                "usage": {"output_tokens": ans.output_tokens},
+                "usage": {"output_tokens": 0 if ans.omit_usage else ans.output_tokens},
             },
         )
         + _sse("message_stop", {"type": "message_stop"})

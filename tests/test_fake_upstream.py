@@ -662,6 +662,59 @@ def test_many_concurrent_streams(fake: FakeUpstream) -> None:
     assert fake.stats()["totals"]["completed"] == n
 
 
+# -- omit_usage: servers that do not count ------------------------------------------------------------------
+
+
+def test_openai_omit_usage(fake: FakeUpstream) -> None:
+    """No `usage` in the body, and no usage chunk in the stream even though include_usage asked for one."""
+    fake.behave("openai", deltas=["Once", " upon", " a time"], omit_usage=True)
+
+    async def go():
+        async with oai(fake) as client:
+            full = await client.chat.completions.create(model="m", messages=USER)
+            stream = await client.chat.completions.create(
+                model="m", messages=USER, stream=True, stream_options={"include_usage": True}
+            )
+            return full, [chunk async for chunk in stream]
+
+    full, chunks = run(go())
+    assert full.choices[0].message.content == "Once upon a time" and full.usage is None
+    assert [c.choices[0].delta.content for c in chunks] == ["", "Once", " upon", " a time", None]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert all(c.usage is None for c in chunks)
+    body = {"model": "m", "messages": USER, "stream": True, "stream_options": {"include_usage": True}}
+    headers = {"authorization": "Bearer sk-test-openai"}
+    with httpx.Client(trust_env=False) as client:
+        r = client.post(fake.openai_base_url + "/chat/completions", json=body, headers=headers)
+        whole = client.post(
+            fake.openai_base_url + "/chat/completions", json={"model": "m", "messages": USER}, headers=headers
+        )
+    events = wire_events(r.content)
+    assert events[-1]["data"] == "[DONE]"
+    assert not any("usage" in json.loads(e["data"]) for e in events[:-1])
+    assert "usage" not in whole.json()
+
+
+def test_anthropic_omit_usage(fake: FakeUpstream) -> None:
+    """The usage fields the SDK requires, all 0: in the body, in message_start and in message_delta."""
+    fake.behave("anthropic", deltas=["Once", " upon", " a time"], omit_usage=True)
+
+    async def go():
+        async with ant(fake) as client:
+            full = await client.messages.create(model="m", max_tokens=100, messages=USER)
+            stream = await client.messages.create(model="m", max_tokens=100, messages=USER, stream=True)
+            return full, [e async for e in stream]
+
+    full, events = run(go())
+    assert full.content[0].text == "Once upon a time"
+    assert (full.usage.input_tokens, full.usage.output_tokens) == (0, 0)
+    assert events[0].type == "message_start"
+    assert (events[0].message.usage.input_tokens, events[0].message.usage.output_tokens) == (0, 0)
+    assert "".join(e.delta.text for e in events if e.type == "content_block_delta") == "Once upon a time"
+    [delta] = [e for e in events if e.type == "message_delta"]
+    assert delta.delta.stop_reason == "end_turn" and delta.usage.output_tokens == 0
+
+
 def test_behaviour_validation_and_reset(fake: FakeUpstream) -> None:
     with pytest.raises(ValueError, match="unknown behaviour parameter"):
         fake.behave("openai", stauts=500)
@@ -669,6 +722,8 @@ def test_behaviour_validation_and_reset(fake: FakeUpstream) -> None:
         fake.behave("openai", status=200)
     with pytest.raises(ValueError, match="provider"):
         fake.behave("gemini", status=500)
+    with pytest.raises(ValueError, match="omit_usage must be bool"):
+        fake.behave("openai", omit_usage=1)
     fake.behave("anthropic", status=500)
     fake.reset()
 
