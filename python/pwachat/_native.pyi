@@ -1,5 +1,6 @@
 """Stubs for the Rust extension (rust/src). Hand-written; checked with mypy.stubtest."""
 
+from collections.abc import Sequence
 from typing import Self, final
 
 # The classes are built by PyO3's `#[new]`, i.e. `__new__`; writing the
@@ -16,6 +17,8 @@ __all__ = [
     "UpstreamParser",
     "WindowState",
     "__version__",
+    "estimate_input_tokens",
+    "estimate_output_tokens",
     "sanitize",
     "sanitize_chat",
     "sse_comment",
@@ -83,7 +86,27 @@ class UpstreamParser:
     @property
     def output_tokens(self) -> int: ...
     @property
+    def output_final(self) -> bool:
+        """``output_tokens`` is the provider's final count (OpenAI's usage chunk, Anthropic's
+        ``message_delta``), not ``message_start``'s placeholder."""
+    @property
+    def estimated_output_tokens(self) -> int:
+        """``estimate_output_tokens`` of the text of every delta ``feed`` has returned, counted
+        as they went by (no second pass, no crossing of its own)."""
+    @property
     def error(self) -> tuple[str, str] | None: ...
+
+def estimate_input_tokens(system: str, history: Sequence[tuple[str, str]], message: str) -> int:
+    """An upper bound on the input tokens a provider counts for this request (history items are
+    ``(role, content)``): the UTF-8 bytes of every text, plus 8 tokens per message for the chat
+    template's role header and separators and 32 once for the begin-of-text token and the reply's
+    header. Byte-level BPE tokenizers never make a token of less than one byte, so the bytes bound
+    the tokens (rust/src/usage.rs says where the bound stops). Raises TypeError for anything but
+    strings and 2-tuples of strings."""
+
+def estimate_output_tokens(text: str) -> int:
+    """An upper bound on the output tokens of an answer whose text is ``text``: its UTF-8 bytes
+    plus 2 (the end-of-turn token, a leading piece that decodes to nothing)."""
 
 def sanitize(text: str) -> str: ...
 def sanitize_chat(message: str, history: list[str], max_chars: int) -> tuple[str, list[str]]: ...

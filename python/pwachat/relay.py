@@ -166,6 +166,18 @@ class _Alarm:
             self.handle = None
 
 
+def _usage(stream: ProviderStream, fields: dict[str, Any]) -> Usage:
+    """The stream's usage for `done`, and into the access line (`usage_estimated` when the counts
+    are the server's own: see providers/http_provider.py)."""
+    # Optional on the protocol: a stream without it (echo) always reports its own counts.
+    estimated = getattr(stream, "usage_estimated", False)
+    usage = Usage(stream.input_tokens, stream.output_tokens, estimated)
+    fields.update(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
+    if estimated:
+        fields["usage_estimated"] = True
+    return usage
+
+
 class _Closer:
     __slots__ = ("stream",)
 
@@ -258,6 +270,8 @@ class EventStream:
             elif stream is None and not self.opening.cancelled() and self.opening.exception() is None:
                 stream = self.opening.result()
             if stream is not None:
+                if "input_tokens" not in fields:  # ended otherwise than done: what was used so far
+                    _usage(stream, fields)
                 await stream.aclose()
 
     async def _relay(self, send: Any, gone: asyncio.Future[Any], enc: SseEncoder) -> ProviderStream | None:
@@ -330,14 +344,10 @@ class EventStream:
                 fields["output_chars"] = chars
                 pending.append(enc.deltas(deltas))
             if stream.finished:
-                fields.update(
-                    finish_reason=stream.finish_reason,
-                    input_tokens=stream.input_tokens,
-                    output_tokens=stream.output_tokens,
-                )
+                fields["finish_reason"] = stream.finish_reason
+                usage = _usage(stream, fields)
                 METRICS.provider_call(self.provider, self.model, "", time.monotonic() - self.started)
-                METRICS.token_usage(self.provider, self.model, stream.input_tokens, stream.output_tokens)
-                usage = Usage(stream.input_tokens, stream.output_tokens)
+                METRICS.token_usage(self.provider, self.model, usage.input_tokens, usage.output_tokens)
                 pending.append(enc.event("done", _encode(DoneEvent(stream.finish_reason, usage))))
                 await flush(False)
                 return stream

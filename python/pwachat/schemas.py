@@ -134,9 +134,19 @@ def chat_request_document(settings: Settings) -> Any:
     return Annotated[document, _CLOSED]
 
 
-class Usage(msgspec.Struct, frozen=True):
+class Usage(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Token counts: the provider's, or the server's own upper-bound estimate where the provider
+    reported none (`estimated` then true; absent otherwise, so that reported usage reads as before)."""
+
     input_tokens: int
     output_tokens: int
+    estimated: Annotated[
+        bool,
+        msgspec.Meta(
+            description="True when the provider reported no usage (or only part of it) and the server "
+            "counted it itself: an upper bound from the UTF-8 bytes sent and relayed; absent otherwise"
+        ),
+    ] = False
 
 
 class ChatResponse(msgspec.Struct, frozen=True):

@@ -8,6 +8,7 @@ mod lru;
 pub mod sanitize;
 pub mod sse;
 pub mod upstream;
+pub mod usage;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -22,5 +23,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     upstream::init(m)?;
     sanitize::init(m)?;
     limiter::init(m)?;
+    usage::init(m)?;
     Ok(())
 }

@@ -519,6 +519,10 @@ pub struct Totals {
     pub finish_reason: Option<String>,
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// `output_tokens` came where a provider puts its final count (`openai`'s
+    /// usage chunk, Anthropic's `message_delta`), not from `message_start`,
+    /// whose `output_tokens` is a placeholder (1, or 0 from llama.cpp).
+    pub output_final: bool,
     pub error: Option<(String, String)>,
 }
 
@@ -531,6 +535,9 @@ pub struct UpstreamState {
     /// A malformed stream stays failed: later feeds report the same error
     /// rather than resynchronising somewhere in the middle of it.
     failed: Option<UpstreamError>,
+    /// The UTF-8 bytes of every delta handed out: the server's own count of
+    /// the output when the provider reports none (`usage.rs`).
+    text_bytes: u64,
 }
 
 fn json<'a, T: Deserialize<'a>>(provider: Provider, data: &'a str) -> Result<T, UpstreamError> {
@@ -546,6 +553,7 @@ impl UpstreamState {
             events: EventStream::default(),
             totals: Totals::default(),
             failed: None,
+            text_bytes: 0,
         }
     }
 
@@ -555,6 +563,11 @@ impl UpstreamState {
 
     pub fn totals(&self) -> &Totals {
         &self.totals
+    }
+
+    /// The UTF-8 bytes of the text deltas handed out so far.
+    pub fn text_bytes(&self) -> u64 {
+        self.text_bytes
     }
 
     /// Feeds the next bytes of the body; calls `on_delta` with every non-empty
@@ -577,6 +590,12 @@ impl UpstreamState {
         }
         let provider = self.provider;
         let totals = &mut self.totals;
+        let text_bytes = &mut self.text_bytes;
+        // Counted here, where each delta passes anyway: no crossing and no pass over the text.
+        let mut on_delta = |text: &str| {
+            *text_bytes += text.len() as u64;
+            on_delta(text);
+        };
         let result = self.events.feed(
             chunk,
             |kind, data| {
@@ -640,18 +659,20 @@ fn openai_event(
         }
         if let Some(n) = usage.completion_tokens {
             totals.output_tokens = n;
+            totals.output_final = true;
         }
     }
     Ok(())
 }
 
-fn anthropic_usage(totals: &mut Totals, usage: Option<Obj<AnthropicUsage>>) {
+fn anthropic_usage(totals: &mut Totals, usage: Option<Obj<AnthropicUsage>>, last: bool) {
     if let Some(Obj(usage)) = usage {
         if let Some(n) = usage.input_tokens {
             totals.input_tokens = n;
         }
         if let Some(n) = usage.output_tokens {
             totals.output_tokens = n;
+            totals.output_final = last;
         }
     }
 }
@@ -689,14 +710,14 @@ fn anthropic_event(
         }
         "message_start" => {
             let start: MessageStart = json(P, data)?;
-            anthropic_usage(totals, start.message.and_then(|m| m.0.usage));
+            anthropic_usage(totals, start.message.and_then(|m| m.0.usage), false);
         }
         "message_delta" => {
             let delta: MessageDelta<'_> = json(P, data)?;
             if let Some(reason) = delta.delta.and_then(|d| d.0.stop_reason) {
                 totals.finish_reason = Some(reason.into_owned());
             }
-            anthropic_usage(totals, delta.usage);
+            anthropic_usage(totals, delta.usage, true);
         }
         "message_stop" => {
             json::<IgnoredAny>(P, data)?;
@@ -799,6 +820,18 @@ impl UpstreamParser {
         self.state.totals().output_tokens
     }
 
+    /// `output_tokens` is the provider's final count, not `message_start`'s placeholder.
+    #[getter]
+    fn output_final(&self) -> bool {
+        self.state.totals().output_final
+    }
+
+    /// `estimate_output_tokens` of the text of every delta returned so far.
+    #[getter]
+    fn estimated_output_tokens(&self) -> u64 {
+        crate::usage::output_tokens(self.state.text_bytes())
+    }
+
     #[getter]
     fn error(&self) -> Option<(&str, &str)> {
         self.state
@@ -880,6 +913,7 @@ mod tests {
             finish_reason: Some(reason.to_owned()),
             input_tokens: input,
             output_tokens: output,
+            output_final: true,
             error: None,
         }
     }
@@ -896,6 +930,52 @@ mod tests {
         let (deltas, got) = whole(Provider::Anthropic, ANTHROPIC).unwrap();
         assert_eq!(deltas, ["Hello", " wörld\r\né"]);
         assert_eq!(got, totals("end_turn", 25, 15));
+    }
+
+    #[test]
+    fn message_start_output_is_a_placeholder_until_message_delta() {
+        let start = ANTHROPIC
+            .split("event: content_block_start")
+            .next()
+            .unwrap();
+        let (_, got) = whole(Provider::Anthropic, start).unwrap();
+        assert_eq!((got.input_tokens, got.output_tokens), (25, 1));
+        assert!(!got.output_final);
+        // A message_delta without usage (some compatible servers) leaves it a placeholder.
+        let body = format!(
+            "{start}event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"end_turn\"}}}}\n\n"
+        );
+        let (_, got) = whole(Provider::Anthropic, &body).unwrap();
+        assert_eq!((got.output_tokens, got.output_final), (1, false));
+        // OpenAI's usage chunk is its final count; a chunk without one is not.
+        let (_, got) = whole(
+            Provider::OpenAi,
+            "data: {\"choices\":[],\"usage\":null}\n\n",
+        )
+        .unwrap();
+        assert!(!got.output_final);
+        let (_, got) = whole(Provider::OpenAi, OPENAI).unwrap();
+        assert!(got.output_final);
+    }
+
+    #[test]
+    fn the_bytes_of_the_deltas_handed_out_are_counted_at_every_split() {
+        for (provider, body) in [(Provider::OpenAi, OPENAI), (Provider::Anthropic, ANTHROPIC)] {
+            let (deltas, _) = whole(provider, body).unwrap();
+            let expected: usize = deltas.iter().map(String::len).sum();
+            for split in 0..=body.len() {
+                let mut state = UpstreamState::new(provider);
+                state.feed(&body.as_bytes()[..split], |_| {}).unwrap();
+                state.feed(&body.as_bytes()[split..], |_| {}).unwrap();
+                assert_eq!(state.text_bytes(), expected as u64, "split at {split}");
+            }
+        }
+        // Nothing after the end marker is read, nor counted.
+        let mut state = UpstreamState::new(Provider::OpenAi);
+        let body =
+            format!("{OPENAI}data: {{\"choices\":[{{\"delta\":{{\"content\":\"x\"}}}}]}}\n\n");
+        state.feed(body.as_bytes(), |_| {}).unwrap();
+        assert_eq!(state.text_bytes(), "Hello wörld \"😀\"\n😀".len() as u64);
     }
 
     #[test]

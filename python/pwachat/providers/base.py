@@ -54,6 +54,7 @@ class Completion(msgspec.Struct, frozen=True):
     finish_reason: str
     input_tokens: int
     output_tokens: int
+    usage_estimated: bool = False  # a count is the server's own: the provider reported none
 
 
 _FINISH = {
@@ -83,7 +84,10 @@ class ProviderStream(Protocol):
     `interrupt()` makes a pending or the next `next()` raise TimeoutError unless something arrives
     first, losing nothing: the relay keeps one timer per stream for its deadlines (heartbeat, gap)
     instead of a timeout per read. `ready()` returns what has already arrived, without waiting.
-    When `finished`, `finish_reason` and the token counts are set.
+    When `finished`, `finish_reason` and the token counts are set. The counts are never a false
+    zero: where the provider reported none, they are the server's own upper bound and
+    `usage_estimated` (optional: a stream without it reports its own counts) is true; read before
+    the end (a failure, the reader gone), they are what has been used so far.
     """
 
     finished: bool

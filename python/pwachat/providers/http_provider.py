@@ -20,6 +20,21 @@ past `MAX_STREAM_BYTES` of body, or `MAX_STREAM_S` after it was opened, it ends 
 `upstream_error` and its connection is closed. Both are far beyond any real answer (a 32k-token
 answer is under 10 MB of events and, at 20 tokens/s, under half an hour); they stop a provider,
 or something posing as one, that never stops. Both are checked at each read, with no timer.
+
+Usage is the provider's own wherever it gave it. Where it did not (llama.cpp's server sends no usage
+in streams; others send zeros), the server counts it itself, natively and without a tokenizer
+(`estimate_input_tokens`, `estimate_output_tokens`: an upper bound from UTF-8 bytes, rust/src/usage.rs),
+and says so (`usage_estimated`). Each side is decided alone:
+- input: the provider's count when it is not 0 (no real request is 0 tokens), else the estimate of
+  what was sent (system prompt, history, message);
+- output: the provider's final count when it is not 0, and anything when no text came; else the
+  estimate of the text relayed. A stream's final count comes at its end (OpenAI's usage chunk,
+  Anthropic's `message_delta`); `message_start`'s `output_tokens` (1, or 0 from llama.cpp) is a
+  placeholder written before the answer. So a stream that breaks or is left before its end, once
+  text came, has its output estimated (the larger of the estimate and the placeholder), while the
+  input that `message_start` reported stays the provider's.
+The stream's output is counted by the native parser as it hands out deltas, so it costs nothing per
+event; the estimates are made at most once per request, at its end.
 """
 
 from __future__ import annotations
@@ -34,7 +49,12 @@ from typing import Any
 
 import msgspec
 
-from pwachat._native import UpstreamFormatError, UpstreamParser
+from pwachat._native import (
+    UpstreamFormatError,
+    UpstreamParser,
+    estimate_input_tokens,
+    estimate_output_tokens,
+)
 from pwachat.providers.base import (
     ChatInput,
     Completion,
@@ -186,6 +206,10 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
     return min(0.5 * 2**attempt, 8.0) * (1 - 0.25 * random.random())  # jitter, not crypto
 
 
+#: `estimate_output_tokens` of an answer with no text: a parser's estimate above it means text came.
+_EMPTY_ANSWER = estimate_output_tokens("")
+
+
 class RawStream:
     """An accepted streamed response, parsed natively as its bytes arrive (see base.ProviderStream).
 
@@ -201,22 +225,53 @@ class RawStream:
         kind: str,
         label: str,
         map_event_error: Callable[[str, str], ProviderError],
+        chat: ChatInput,
     ) -> None:
         self._resp = resp
         self._parser = UpstreamParser(kind)
         self._label = label
         self._map_event_error = map_event_error
+        self._chat = chat  # what was sent: the input estimate when the provider counts none
+        self._input_estimate = 0  # made once, when first needed
         self._error: ProviderError | None = None  # raised by the next next(), after the deltas before it
         self._bytes_left = MAX_STREAM_BYTES
         self._deadline = time.monotonic() + MAX_STREAM_S
         self.finished = False
         self.finish_reason = "stop"
-        self.input_tokens = 0
-        self.output_tokens = 0
 
     @property
     def failed(self) -> bool:
         return self._error is not None
+
+    # The counts are read at the end (done, or a failure, or the reader gone), a few times in all:
+    # worked out from the parser's each time rather than kept in step with every read.
+    @property
+    def input_tokens(self) -> int:
+        reported = self._parser.input_tokens
+        if reported > 0:
+            return reported
+        if not self._input_estimate:
+            chat = self._chat
+            self._input_estimate = estimate_input_tokens(chat.system, chat.history, chat.message)
+        return self._input_estimate
+
+    @property
+    def output_tokens(self) -> int:
+        parser = self._parser
+        if self._output_counted():
+            return parser.output_tokens
+        return max(parser.output_tokens, parser.estimated_output_tokens)
+
+    @property
+    def usage_estimated(self) -> bool:
+        return self._parser.input_tokens <= 0 or not self._output_counted()
+
+    def _output_counted(self) -> bool:
+        """The provider's output count stands: it is its final one and not 0, or no text came."""
+        parser = self._parser
+        if parser.output_final and parser.output_tokens > 0:
+            return True
+        return parser.estimated_output_tokens <= _EMPTY_ANSWER
 
     def _consume(self, data: bytes) -> list[str]:
         self._bytes_left -= len(data)
@@ -241,8 +296,6 @@ class RawStream:
             else:
                 self.finished = True
                 self.finish_reason = normalise_finish_reason(parser.finish_reason)
-                self.input_tokens = parser.input_tokens
-                self.output_tokens = parser.output_tokens
         return deltas
 
     def ready(self) -> list[str]:
@@ -333,13 +386,30 @@ class HttpProvider:
             raise UpstreamError(f"The connection to {self.label} broke while reading its answer") from None
         resp.release()
         try:
-            return self._completion(raw)
+            done = self._completion(raw)
         except (msgspec.DecodeError, IndexError, KeyError):
             raise UpstreamError(f"{self.label} answered something unusable") from None
+        return _counted(done, chat)
 
     async def open_stream(self, chat: ChatInput) -> RawStream:
         resp = await self.http.post(self.path, self._body(chat, stream=True))
-        return RawStream(resp, self.kind, self.label, self._map_event_error)
+        return RawStream(resp, self.kind, self.label, self._map_event_error, chat)
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+
+def _counted(done: Completion, chat: ChatInput) -> Completion:
+    """A whole answer with the server's own counts where the provider's are missing (module docstring)."""
+    missing_input = done.input_tokens <= 0
+    missing_output = done.output_tokens <= 0 and done.text != ""
+    if not (missing_input or missing_output):
+        return done  # the provider's own, as it is
+    return msgspec.structs.replace(
+        done,
+        input_tokens=estimate_input_tokens(chat.system, chat.history, chat.message)
+        if missing_input
+        else done.input_tokens,
+        output_tokens=estimate_output_tokens(done.text) if missing_output else done.output_tokens,
+        usage_estimated=True,
+    )

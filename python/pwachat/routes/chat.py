@@ -266,14 +266,21 @@ async def answer_chat(scope: Any, receive: Any, svc: Services) -> JsonAnswer:
         raise _with_headers(err, p.headers) from None
     METRICS.provider_call(name, model, "", time.monotonic() - started)
     METRICS.token_usage(name, model, done.input_tokens, done.output_tokens)
-    p.log.update(finish_reason=done.finish_reason, output_chars=len(done.text))
+    p.log.update(
+        finish_reason=done.finish_reason,
+        output_chars=len(done.text),
+        input_tokens=done.input_tokens,
+        output_tokens=done.output_tokens,
+    )
+    if done.usage_estimated:  # the server's own count: the provider reported none
+        p.log["usage_estimated"] = True
     body = ChatResponse(
         id=p.chat_id,
         provider=p.provider.name,
         model=p.chat.model,
         response=done.text,
         finish_reason=done.finish_reason,
-        usage=Usage(done.input_tokens, done.output_tokens),
+        usage=Usage(done.input_tokens, done.output_tokens, done.usage_estimated),
     )
     return JsonAnswer(_encode(body), p.headers)
 
