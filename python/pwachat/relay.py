@@ -169,8 +169,7 @@ class _Alarm:
 def _usage(stream: ProviderStream, fields: dict[str, Any]) -> Usage:
     """The stream's usage for `done`, and into the access line (`usage_estimated` when the counts
     are the server's own: see providers/http_provider.py)."""
-    # Optional on the protocol: a stream without it (echo) always reports its own counts.
-    estimated = getattr(stream, "usage_estimated", False)
+    estimated = stream.usage_estimated
     usage = Usage(stream.input_tokens, stream.output_tokens, estimated)
     fields.update(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
     if estimated:

@@ -86,7 +86,7 @@ class ProviderStream(Protocol):
     instead of a timeout per read. `ready()` returns what has already arrived, without waiting.
     When `finished`, `finish_reason` and the token counts are set. The counts are never a false
     zero: where the provider reported none, they are the server's own upper bound and
-    `usage_estimated` (optional: a stream without it reports its own counts) is true; read before
+    `usage_estimated` is true; read before
     the end (a failure, the reader gone), they are what has been used so far.
     """
 
@@ -95,6 +95,7 @@ class ProviderStream(Protocol):
     finish_reason: str
     input_tokens: int
     output_tokens: int
+    usage_estimated: bool
 
     def ready(self) -> list[str]: ...
 

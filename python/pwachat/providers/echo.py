@@ -37,6 +37,7 @@ class EchoStream:
     """The whole answer is ready at once: one batch, then finished."""
 
     failed = False
+    usage_estimated = False  # echo counts its own pieces
 
     def __init__(self, pieces: list[str], finish_reason: str, input_tokens: int) -> None:
         self._pieces = pieces
