@@ -355,8 +355,11 @@ class FakeServer:
         openai_key: str = DEFAULT_OPENAI_KEY,
         anthropic_key: str = DEFAULT_ANTHROPIC_KEY,
         max_records: int = 10_000,
+        keyless_openai: bool = False,
     ) -> None:
         self.keys = {"openai": openai_key, "anthropic": anthropic_key}
+        # As llama.cpp's server without --api-key: no Authorization is accepted (a wrong key is not).
+        self.keyless_openai = keyless_openai
         self.standing: dict[str, dict[str, Any]] = {p: {} for p in PROVIDERS}
         self.queued: dict[str, deque[list[Any]]] = {p: deque() for p in PROVIDERS}
         self.records: deque[dict[str, Any]] = deque(maxlen=max_records)
@@ -548,6 +551,8 @@ class FakeServer:
         h = request.headers
         if provider == "openai":
             auth = h.get("authorization", "")
+            if not auth and self.keyless_openai:
+                return
             scheme, _, key = auth.partition(" ")
             if scheme.lower() != "bearer" or key.strip() != self.keys["openai"]:
                 msg = (
@@ -1058,10 +1063,12 @@ class FakeUpstream:
         anthropic_key: str = DEFAULT_ANTHROPIC_KEY,
         *,
         max_records: int = 10_000,
+        keyless_openai: bool = False,
     ) -> None:
         self.openai_key = openai_key
         self.anthropic_key = anthropic_key
         self._max_records = max_records
+        self._keyless_openai = keyless_openai
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: FakeServer | None = None
@@ -1095,7 +1102,9 @@ class FakeUpstream:
             self._loop = loop
             asyncio.set_event_loop(loop)
             try:
-                self._server = FakeServer(self.openai_key, self.anthropic_key, self._max_records)
+                self._server = FakeServer(
+                    self.openai_key, self.anthropic_key, self._max_records, self._keyless_openai
+                )
                 port = loop.run_until_complete(self._server.start())
                 self.url = f"http://127.0.0.1:{port}"
             except BaseException as exc:

@@ -29,19 +29,9 @@ RELAY_KEY = DEFAULT_ANTHROPIC_KEY  # the key the fake's Anthropic side accepts
 
 @pytest.fixture(scope="module")
 def fake() -> Iterator[FakeUpstream]:
-    with FakeUpstream(DEFAULT_OPENAI_KEY, RELAY_KEY) as upstream:
-        # The OpenAI side takes requests without any Authorization, as llama.cpp without --api-key
-        # does; a wrong key is still refused. (The fake runs in this process: its check is patched.)
-        server = upstream._server
-        assert server is not None
-        strict = server._check_auth
-
-        def keyless_openai(request: Any, provider: str) -> None:
-            if provider == "openai" and "authorization" not in request.headers:
-                return
-            strict(request, provider)
-
-        server._check_auth = keyless_openai  # type: ignore[method-assign]
+    # The OpenAI side takes requests without any Authorization, as llama.cpp without --api-key
+    # does; a wrong key is still refused.
+    with FakeUpstream(DEFAULT_OPENAI_KEY, RELAY_KEY, keyless_openai=True) as upstream:
         yield upstream
 
 
