@@ -75,16 +75,19 @@ wrk:
 	@command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk
 
 bench-load: build wrk
+	cargo build --release --quiet --manifest-path benches/pacer/Cargo.toml
 	$(PY) benches/load.py --json $(BENCH_JSON)
 
 # Not part of `make test`: the quick subset (load.py --quick, about a minute), compared as ratios to
 # the same run's references against the committed baseline (benches/compare.py).
 bench-compare: build wrk
+	cargo build --release --quiet --manifest-path benches/pacer/Cargo.toml
 	$(PY) benches/load.py --quick --json benches/results/compare.json
 	$(PY) benches/compare.py benches/results/compare.json
 
 # Refresh the committed baseline: on a quiet machine (nothing else busy; /tmp/bench.lock held).
 bench-baseline: build wrk
+	cargo build --release --quiet --manifest-path benches/pacer/Cargo.toml
 	$(PY) benches/load.py --quick --json benches/baseline.json
 
 # The container image, built here where containers reach no registry or index: local base images

@@ -3,10 +3,13 @@
     python benches/load.py            # or: make bench-load (make bench runs it after the micro benches)
     python benches/load.py --quick    # the subset make bench-compare / bench-baseline run
 
-Layout: one server worker pinned to core 0; the load generator (wrk, or this script's asyncio
-clients) and the fake upstream (tests/fake_upstream.py, its own process) pinned to core 1. Each
-scenario measures the fake directly too, in the same run, where that means something, and every
-figure with such a reference carries its ratio to it (benches/compare.py compares those ratios):
+Layout: one server worker pinned to core 0; the load generators and the upstreams pinned to core 1:
+for chat, stream, tls and latency, wrk (or this script's asyncio client) and the Python fake upstream
+(tests/fake_upstream.py, its own process); for concurrent, paced and held, the pacer (benches/pacer, a
+native binary: the paced upstream and the streaming load client in one current_thread runtime, one
+process). Each scenario measures its upstream directly too, in the same run, where that means
+something, and every figure with such a reference carries its ratio to it (benches/compare.py
+compares those ratios):
 
 - chat:        POST /api/chat (OpenAI provider, non-streamed), requests/s (wrk, 64 connections,
                --seconds each), and the server's CPU time per request (reference: the fake's own)
@@ -14,18 +17,19 @@ figure with such a reference carries its ratio to it (benches/compare.py compare
 - tls:         chat and stream through a second server whose provider is the fake's TLS port (a
                trustme throwaway CA, SSL_CERT_FILE, https://127.0.0.1:PORT/v1), as ratios to plain
 - concurrent:  --streams streams at once, a chunk every 250 ms, 24 each (6 s): relay lateness
-               (arrival at the client minus the fake's scheduled send time) p50/p99/max, first-byte
-               time, peak resident memory of a fresh server
+               (arrival at the client minus the pacer's scheduled send time, which each token's
+               text carries) p50/p99/max, first-byte time, peak resident memory of a fresh server
 - latency:     100 requests/s, p50 latency through the server and to the fake directly, in
                alternating one-second blocks; back to back; the liveness probe against a no-op app
 - paced:       real-paced streams, a token every 33 ms, 120 each (4 s), at 1,000 / 2,000 / 4,000 at
-               once on one worker: the concurrent figures, plus the same straight to the fake
+               once on one worker: the concurrent figures, plus the same straight to the pacer
 - held:        held streams, a chunk every 250 ms, 24 each (6 s), at 1,000 / 5,000 at once: the same
 
 Bounds: every stream level and wrk run has a deadline; all traffic goes to 127.0.0.1. The default
 run takes about 5 minutes on the 2-core development machine, --quick about 1. The server runs
 with MAX_CONCURRENCY=8192 and the soft fd limit raised to the hard one. This script measures; it
-asserts nothing. Needs `wrk` (Debian package) and Linux (taskset, /proc).
+asserts nothing. Needs `wrk` (Debian package), Linux (taskset, /proc) and the pacer built
+(`cargo build --release --manifest-path benches/pacer/Cargo.toml`: the Makefile's bench targets do).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loadbench.procs import LOAD_CORE, ROOT, Fake, TlsFiles, raise_fd_limit, server
+from loadbench.procs import LOAD_CORE, PACER, ROOT, Fake, Pacer, TlsFiles, raise_fd_limit, server
 from loadbench.results import Results
 from loadbench.scenarios import Run, latency, streams_level, throughput
 
@@ -59,6 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paced-tokens", type=int, default=120)
     parser.add_argument("--held-levels", default="1000,5000")
     parser.add_argument("--held-chunks", type=int, default=24)
+    parser.add_argument(
+        "--pacer-processes",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="1: the pacer's upstream and client in one process; 2: each load its own process",
+    )
+    parser.add_argument(
+        "--pacer-client-core",
+        default=LOAD_CORE,
+        help="with --pacer-processes 2, the core of the load process (default: the load core)",
+    )
     parser.add_argument("--only", default=ALL, help=f"comma-separated scenarios (default: {ALL})")
     parser.add_argument("--quick", action="store_true", help=f"the compare subset: {QUICK}")
     parser.add_argument(
@@ -68,14 +84,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
-    if shutil.which("wrk") is None:
-        print("benches/load.py needs wrk (apt-get install wrk)", file=sys.stderr)
-        return 2
     only = set(args.only.split(","))
     if unknown := only - set(ALL.split(",")):
         parser.error(f"unknown scenarios {sorted(unknown)} (known: {ALL})")
-    # This script is the load generator of the asyncio scenarios: it belongs on the load core with
-    # wrk and the fake, not on the server's.
+    if only & {"chat", "stream", "tls"} and shutil.which("wrk") is None:
+        print("benches/load.py needs wrk (apt-get install wrk)", file=sys.stderr)
+        return 2
+    paced = only & {"concurrent", "paced", "held"}
+    if paced and not PACER.exists():
+        print(
+            f"benches/load.py needs the pacer for {sorted(paced)}: "
+            "cargo build --release --manifest-path benches/pacer/Cargo.toml",
+            file=sys.stderr,
+        )
+        return 2
+    # This script is the load generator of the latency scenario (and waits on the pacer for the
+    # others): it belongs on the load core with wrk, the fake and the pacer, not on the server's.
     os.sched_setaffinity(0, {int(LOAD_CORE)})
     raise_fd_limit()
     settings = {
@@ -91,14 +115,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     }
     settings["only"] = ",".join(s for s in ALL.split(",") if s in only)
+    if args.pacer_processes != 1:  # (settings only when not the default: older results lack them)
+        settings["pacer_processes"] = args.pacer_processes
+        settings["pacer_client_core"] = args.pacer_client_core
     results = Results(settings)
     tmp = Path(tempfile.mkdtemp(prefix="pwachat-load-"))
-    tls = TlsFiles(tmp)
-    fake = Fake(tmp, tls)
     started = time.monotonic()
+    tls = fake = pacer = None
     try:
-        run = Run(fake, tls, tmp, results, args.seconds, args.connections, only)
         if only & {"chat", "stream", "tls", "latency"}:
+            tls = TlsFiles(tmp)
+            fake = Fake(tmp, tls)
+        pacer = Pacer(args.pacer_processes, args.pacer_client_core) if paced else None
+        run = Run(fake, tls, pacer, tmp, results, args.seconds, args.connections, only)
+        if fake is not None:
             with server(fake.url + "/v1", tmp) as plain:
                 run.plain = plain
                 for kind in ("chat", "stream"):
@@ -116,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             for n in _levels(args.held_levels):
                 streams_level(run, "held", n, 0.25, args.held_chunks, direct=True)
     finally:
-        fake.stop()
+        if fake is not None:
+            fake.stop()
+        if pacer is not None:
+            pacer.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     results.write(args.json)
     print()

@@ -1,4 +1,5 @@
-"""Load generators: wrk for throughput, this script's own asyncio clients for streams and latency."""
+"""Load generators: wrk for throughput, this script's own asyncio clients for latency. The many-streams
+scenarios' client is the pacer's (benches/pacer, driven through procs.Pacer)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .procs import LOAD_CORE, ROOT, SERVER_CORE, free_port, pinned
 
@@ -85,95 +86,6 @@ def openai_body(stream: bool, content: str = "hello bench", max_tokens: int = 10
     return body
 
 
-# -- many streams at once ------------------------------------------------------------------------------
-
-# What marks one text delta in each wire format: pwachat's SSE, and an OpenAI chunk the fake sends.
-PWACHAT_DELTA = b"event: delta"
-OPENAI_DELTA = b'"delta":{"content":'
-
-
-@dataclass
-class StreamTimes:
-    started: float = 0.0  # just before connecting
-    first_byte: float | None = None
-    arrivals: list[float] = field(default_factory=list)  # one per delta event, when its read arrived
-    closed: bool = False
-
-
-class _StreamReader(asyncio.Protocol):
-    """One streamed request: sends it, stamps every read, counts delta markers (across read edges)."""
-
-    def __init__(self, request: bytes, marker: bytes, times: StreamTimes, done: asyncio.Future[None]) -> None:
-        self.request = request
-        self.marker = marker
-        self.times = times
-        self.done = done
-        self.tail = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.write(self.request)  # type: ignore[attr-defined]
-
-    def data_received(self, data: bytes) -> None:
-        now = time.monotonic()
-        t = self.times
-        if t.first_byte is None:
-            t.first_byte = now
-        view = self.tail + data
-        n = view.count(self.marker)
-        if n:
-            t.arrivals.extend([now] * n)
-        self.tail = view[-(len(self.marker) - 1) :]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.times.closed = exc is None
-        if not self.done.done():
-            self.done.set_result(None)
-
-
-def http_post(path: str, body: dict, headers: dict[str, str] | None = None) -> bytes:
-    raw = json.dumps(body).encode()
-    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-    for k, v in (headers or {}).items():
-        head += f"{k}: {v}\r\n"
-    head += f"Content-Length: {len(raw)}\r\nConnection: close\r\n\r\n"
-    return head.encode() + raw
-
-
-async def _streams(port: int, requests: list[bytes], marker: bytes, timeout_s: float) -> list[StreamTimes]:
-    loop = asyncio.get_running_loop()
-    times = [StreamTimes() for _ in requests]
-    transports: list[asyncio.BaseTransport] = []
-
-    async def one(i: int) -> None:
-        done: asyncio.Future[None] = loop.create_future()
-        times[i].started = time.monotonic()
-        try:
-            transport, _ = await loop.create_connection(
-                lambda: _StreamReader(requests[i], marker, times[i], done), "127.0.0.1", port
-            )
-        except OSError:
-            return
-        transports.append(transport)
-        await done
-
-    tasks = [asyncio.ensure_future(one(i)) for i in range(len(requests))]
-    _, pending = await asyncio.wait(tasks, timeout=timeout_s)
-    for task in pending:
-        task.cancel()
-    for transport in transports:
-        transport.close()
-    return times
-
-
-def run_streams(port: int, requests: list[bytes], marker: bytes, timeout_s: float) -> list[StreamTimes]:
-    """All `requests` at once, each on its own connection to 127.0.0.1:`port`, on uvloop (the client
-    shares the load core with the fake: the cheaper its reads, the more of that core the fake keeps)."""
-    import uvloop
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_streams(port, requests, marker, timeout_s))
-
-
 # -- latency -------------------------------------------------------------------------------------------
 
 
@@ -239,10 +151,3 @@ def noop_latency() -> list[float]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]

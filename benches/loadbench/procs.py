@@ -1,4 +1,5 @@
-"""The processes under load: the fake upstream and the real `pwachat serve`, each pinned to its core."""
+"""The processes under load: the fake upstream, the pacer and the real `pwachat serve`, each pinned to
+its core."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from server import clean_env, free_port  # noqa: E402
 
 SERVER_CORE, LOAD_CORE = "0", "1"
+# benches/pacer (built by the Makefile's bench targets: cargo build --release --manifest-path ...).
+PACER = ROOT / "benches" / "pacer" / "target" / "release" / "pacer"
 OPENAI_KEY = "sk-test-openai"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Enough for the held scenario's 5,000 streams on one worker (Granian's backpressure and backlog).
@@ -118,6 +121,77 @@ class Fake:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
+
+
+class Pacer:
+    """benches/pacer in its own process on the load core: the paced upstream (`url`, `port`) and, in
+    the same process and runtime, the load client, driven one `load` command a line on its stdin
+    (each answered by one JSON line of figures: benches/pacer/README.md). With `processes=2` each
+    load runs instead as a `pacer load` process of its own, pinned to `client_core` (by default
+    the load core too: on a machine with a third core, give the client that one)."""
+
+    def __init__(self, processes: int = 1, client_core: str = LOAD_CORE) -> None:
+        if not PACER.exists():
+            raise RuntimeError(
+                f"{PACER} is missing: cargo build --release --manifest-path benches/pacer/Cargo.toml"
+            )
+        self.processes = processes
+        self.client_core = client_core
+        self.proc = subprocess.Popen(
+            pinned(LOAD_CORE, [str(PACER), "serve"]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line.startswith("LISTENING "):
+            self.stop()
+            raise RuntimeError(f"the pacer did not start: {line!r}")
+        self.url = line.split()[1]
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def load(self, port: int, api: str, streams: int, period: float, tokens: int, timeout: float) -> dict:
+        """`streams` paced streams at once to 127.0.0.1:`port` (`api` "pwachat": POST /api/chat/stream,
+        "openai": the pacer's own upstream): the client's figures, plus `pacer_cpu_s`, the CPU time
+        of every pacer process during the run (the upstream's and the client's)."""
+        args = [
+            *("--target", f"127.0.0.1:{port}", "--api", api, "--streams", str(streams)),
+            *("--period-ms", f"{period * 1000:g}", "--tokens", str(tokens)),
+            *("--timeout-s", f"{timeout:g}", "--key", OPENAI_KEY),
+        ]
+        cpu0, children0 = self.cpu_seconds(), os.times()
+        if self.processes == 2:
+            argv = pinned(self.client_core, [str(PACER), "load", *args])
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30, check=True)
+            line = out.stdout.strip().splitlines()[-1]
+        else:
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            self.proc.stdin.write("load " + " ".join(args) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        children1 = os.times()
+        result = json.loads(line)
+        if "error" in result:
+            raise RuntimeError(f"pacer: {result['error']}")
+        client = (children1.children_user - children0.children_user) + (
+            children1.children_system - children0.children_system
+        )
+        result["pacer_cpu_s"] = self.cpu_seconds() - cpu0 + client
+        return result
+
+    def cpu_seconds(self) -> float:
+        """The serving pacer's CPU time (the upstream, and the client when it runs in the same process)."""
+        return cpu_seconds([self.proc.pid])
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()  # the end of its commands: it exits
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
 
 
 class Server:

@@ -1,5 +1,6 @@
-"""The scenarios: each measures through the real server and, where that means something, the fake
-directly in the same run, and adds its figures to the run's Results."""
+"""The scenarios: each measures through the real server and, where that means something, its upstream
+directly in the same run (the Python fake for chat, stream, tls and latency; the pacer for the
+many-streams scenarios), and adds its figures to the run's Results."""
 
 from __future__ import annotations
 
@@ -8,20 +9,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .clients import (
-    OPENAI_DELTA,
-    PWACHAT_DELTA,
-    StreamTimes,
-    WrkRun,
-    http_post,
-    noop_latency,
-    openai_body,
-    paced_latency,
-    pct,
-    run_streams,
-    wrk,
-)
-from .procs import OPENAI_KEY, Fake, Server, TlsFiles, server
+from .clients import WrkRun, noop_latency, openai_body, paced_latency, wrk
+from .procs import OPENAI_KEY, Fake, Pacer, Server, TlsFiles, server
 from .results import Figure, Results
 
 CHUNKS = 20
@@ -31,8 +20,9 @@ AUTH = {"Authorization": f"Bearer {OPENAI_KEY}"}
 
 @dataclass
 class Run:
-    fake: Fake
-    tls: TlsFiles
+    fake: Fake | None  # chat, stream, tls, latency
+    tls: TlsFiles | None
+    pacer: Pacer | None  # concurrent, paced, held
     tmp: Path
     results: Results
     seconds: int
@@ -42,6 +32,7 @@ class Run:
     measured: dict[str, WrkRun] = field(default_factory=dict)
 
     def cpu(self, srv: Server | None) -> dict:
+        assert self.fake is not None
         counters = {"fake": self.fake.cpu_seconds}
         if srv is not None:
             counters["server"] = srv.cpu_seconds
@@ -68,6 +59,7 @@ def throughput(run: Run, kind: str) -> None:
     pwachat, the fake directly, then (with `tls` in the run) through a second server whose provider is
     the fake's TLS port; the TLS figures are ratios to the plain ones measured just before."""
     fake, res = run.fake, run.results
+    assert fake is not None and run.tls is not None
     per = 1 if kind == "chat" else CHUNKS
     unit = "req/s" if kind == "chat" else "events/s"
     path = "/api/chat" if kind == "chat" else "/api/chat/stream"
@@ -140,71 +132,27 @@ def throughput(run: Run, kind: str) -> None:
 # -- many streams at once: concurrent, paced, held ---------------------------------------------------
 
 
-def first_send(head_sent_at: float, period: float) -> float:
-    """When the fake writes a paced stream's first delta: `_Ticker.pace` (tests/fake_upstream.py)
-    rounds head + period up to the end of its millisecond of the period; delta k goes k periods later."""
-    due = head_sent_at + period
-    width = min(0.001, period)
-    phase = due % period
-    return due - phase + (int(phase / width) + 1) * width
-
-
-@dataclass
-class Streams:
-    lateness: list[float]  # every event whose send was due once all streams had their head
-    lateness_all: list[float]  # every event, the connection ramp included
-    first_byte: list[float]
-    complete: int
-    events: int
-    streams: int
-
-
-def analyse(times: list[StreamTimes], records: list[dict], period: float, chunks: int) -> Streams:
-    by_content = {}
-    for rec in records:
-        if rec.get("body") and rec.get("head_sent_at") is not None:
-            by_content[rec["body"]["messages"][-1]["content"]] = rec
-    # Steady state: once every stream has its head the connections are no longer being opened (a
-    # ramp that costs the server work no relay can hide; first-byte times show it).
-    ramp_end = max((r["head_sent_at"] for r in by_content.values()), default=0.0)
-    out = Streams([], [], [], 0, 0, len(times))
-    for i, t in enumerate(times):
-        if t.first_byte is not None:
-            out.first_byte.append(t.first_byte - t.started)
-        rec = by_content.get(f"bench stream {i}")
-        if rec is None:
-            continue
-        out.complete += len(t.arrivals) == chunks and t.closed
-        out.events += len(t.arrivals)
-        t0 = first_send(rec["head_sent_at"], period)
-        for k, arrived in enumerate(t.arrivals):
-            due = t0 + k * period
-            out.lateness_all.append(arrived - due)
-            if due > ramp_end:
-                out.lateness.append(arrived - due)
-    return out
-
-
 def streams_level(run: Run, name: str, n: int, period: float, chunks: int, direct: bool) -> None:
     """`n` streams at once, a delta every `period` s, `chunks` deltas each, against a fresh server
-    (so that its peak resident memory, VmHWM, is this level's), then the same straight to the fake."""
-    fake = run.fake
+    (so that its peak resident memory, VmHWM, is this level's) whose provider is the pacer's upstream,
+    then the same straight to the pacer's upstream. The pacer's client measures (benches/pacer):
+    each token's text is its scheduled send time, lateness is its arrival at the client minus that."""
+    pacer = run.pacer
+    assert pacer is not None
     timeout = chunks * period + 30 + n / 200
-    fake.behave(chunks=chunks, chunk_interval_s=period)
-    with server(fake.url + "/v1", run.tmp) as srv:
-        reqs = [http_post("/api/chat/stream", {"message": f"bench stream {i}"}) for i in range(n)]
-        cpu0, fake0 = srv.cpu_seconds(), fake.cpu_seconds()
-        times = run_streams(srv.port, reqs, PWACHAT_DELTA, timeout)
-        server_cpu, fake_cpu = srv.cpu_seconds() - cpu0, fake.cpu_seconds() - fake0
+    with server(pacer.url + "/v1", run.tmp) as srv:
+        cpu0 = srv.cpu_seconds()
+        ours = pacer.load(srv.port, "pwachat", n, period, chunks, timeout)
+        server_cpu = srv.cpu_seconds() - cpu0
         peak = srv.peak_rss_mb()
-    ours = analyse(times, fake.requests(), period, chunks)
-    theirs = None
-    if direct:
-        fake.behave(chunks=chunks, chunk_interval_s=period)
-        body = [openai_body(True, f"bench stream {i}", chunks + 10) for i in range(n)]
-        reqs = [http_post("/v1/chat/completions", b, AUTH) for b in body]
-        times = run_streams(fake.port, reqs, OPENAI_DELTA, timeout)
-        theirs = analyse(times, fake.requests(), period, chunks)
+    theirs = pacer.load(pacer.port, "openai", n, period, chunks, timeout) if direct else None
+
+    def pacer_busy(result: dict) -> str:
+        # The pacer's share of its core over the run, and the time it was ready but another
+        # process had the core (a busy machine shows there first).
+        seconds = result["elapsed_ms"] / 1000
+        out = f"pacer {result['pacer_cpu_s'] / seconds:.0%} busy"
+        return out + f", {result['process_runqueue_wait_ms'] / 1000 / seconds:.0%} waiting for its core"
 
     key = f"{name}.{n}"
     every = (
@@ -212,84 +160,80 @@ def streams_level(run: Run, name: str, n: int, period: float, chunks: int, direc
     )
     head = f"{name}: {n:,} streams, {every}, {chunks} each"
 
-    def ms(values: list[float], p: float | None) -> float:
-        if not values:
-            return float("nan")
-        return (max(values) if p is None else pct(values, p)) * 1000
+    def ms(result: dict | None, field: str) -> float | None:
+        if result is None:
+            return None
+        value = result.get(field)
+        return float("nan") if value is None else float(value)
 
-    def fig(suffix: str, label: str, value: float, ref: float | None, **kw: object) -> Figure:
+    def fig(suffix: str, label: str, field: str, **kw: object) -> Figure:
+        value = ms(ours, field)
+        assert value is not None
         return Figure(
             f"{key}.{suffix}",
             label,
             value,
             kw.pop("unit", "ms"),  # type: ignore[arg-type]
             better=kw.pop("better", "lower"),  # type: ignore[arg-type]
-            reference=ref if direct else None,
-            reference_is="fake directly" if direct else "",
+            reference=ms(theirs, field),
+            reference_is="pacer directly" if direct else "",
             **kw,  # type: ignore[arg-type]
         )
 
-    d = theirs
+    events = ours["events"]
+    seconds = ours["elapsed_ms"] / 1000
     run.results.add(
         fig(
             "lateness_p50_ms",
             f"{head}: relay lateness p50",
-            ms(ours.lateness, 50),
-            d and ms(d.lateness, 50),
-            note=f"{len(ours.lateness):,} events after the ramp",
+            "lateness_p50_ms",
+            note=f"{ours['steady_events']:,} events after the ramp; {pacer_busy(ours)}"
+            + (f"; directly: {pacer_busy(theirs)}" if theirs else ""),
         ),
         # Tails and first bytes are ratios of small, noisy figures (two quiet runs moved 12-41%):
         # reported, not gated.
-        fig("lateness_p99_ms", "  lateness p99", ms(ours.lateness, 99), d and ms(d.lateness, 99), gate=False),
-        fig(
-            "lateness_max_ms",
-            "  lateness max",
-            ms(ours.lateness, None),
-            d and ms(d.lateness, None),
-            gate=False,
-        ),
+        fig("lateness_p99_ms", "  lateness p99", "lateness_p99_ms", gate=False),
+        fig("lateness_max_ms", "  lateness max", "lateness_max_ms", gate=False),
         fig(
             "lateness_all_p99_ms",
             "  lateness p99, every event incl. the connection ramp",
-            ms(ours.lateness_all, 99),
-            d and ms(d.lateness_all, 99),
+            "lateness_all_p99_ms",
             gate=False,
         ),
-        fig(
-            "first_byte_p50_ms",
-            "  first byte p50",
-            ms(ours.first_byte, 50),
-            d and ms(d.first_byte, 50),
-            gate=False,
-        ),
-        fig(
-            "first_byte_p99_ms",
-            "  first byte p99",
-            ms(ours.first_byte, 99),
-            d and ms(d.first_byte, 99),
-            gate=False,
-        ),
-        fig(
-            "complete",
+        fig("first_byte_p50_ms", "  first byte p50", "first_byte_p50_ms", gate=False),
+        fig("first_byte_p99_ms", "  first byte p99", "first_byte_p99_ms", gate=False),
+        Figure(
+            f"{key}.complete",
             "  streams complete",
-            ours.complete / n,
-            d and d.complete / n,
-            unit="fraction",
+            ours["complete"] / n,
+            "fraction",
             better="higher",
-            note=f"{ours.complete:,}/{n:,}, {ours.events:,} events",
+            reference=theirs["complete"] / n if theirs else None,
+            reference_is="pacer directly" if direct else "",
+            note=f"{ours['complete']:,}/{n:,}, {events:,} events",
         ),
         Figure(
             f"{key}.server_cpu_us_per_event",
             "  server CPU per relayed event",
-            server_cpu / max(1, ours.events) * 1e6,
+            server_cpu / max(1, events) * 1e6,
             "us",
             better="lower",
-            reference=fake_cpu / max(1, ours.events) * 1e6,
-            reference_is="the fake's CPU per event, same run",
-            note=f"server core {server_cpu / (chunks * period):.0%} busy over {chunks * period:.0f} s",
+            reference=ours["pacer_cpu_s"] / max(1, events) * 1e6,
+            reference_is="the pacer's CPU per event (upstream and client), same run",
+            # Over the whole run (connections to the last event), not the streams' nominal length.
+            note=f"server core {server_cpu / seconds:.0%} busy over {seconds:.1f} s",
         ),
         Figure(
             f"{key}.peak_rss_mb", "  server resident memory, peak", peak, "MB", better="lower", gate=False
+        ),
+        # Whether the pacer kept its own schedule: how late its millisecond ticks started writing
+        # the tokens due (its core shared with the client, and with anything else running there).
+        fig(
+            "pacer_tick_late_max_ms",
+            "  the pacer's own tick lateness, max (its writes, before any relay)",
+            "upstream_tick_late_max_ms",
+            gate=False,
+            note=f"mean {ms(ours, 'upstream_tick_late_mean_ms'):.2f} ms",
         ),
     )
 
@@ -301,7 +245,7 @@ def latency(run: Run) -> None:
     """100 requests/s through pwachat and to the fake directly, in alternating one-second blocks (8 s
     each in all), so both see the same moments of this shared machine; then where the time goes."""
     fake, res = run.fake, run.results
-    assert run.plain is not None
+    assert fake is not None and run.plain is not None
     url = run.plain.url
     fake.behave()
     ours, direct = [], []
