@@ -7,7 +7,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 RUST_SRC := $(wildcard rust/src/*.rs) Cargo.toml Cargo.lock
 
-.PHONY: run build test lint format bench bench-load bench-compare bench-baseline wrk system-deps image test-container clean help
+.PHONY: run build test lint format bench bench-load bench-compare bench-baseline wrk pacer system-deps image test-container clean help
 
 help:
 	@echo "make run    - build and serve on HOST:PORT (default 127.0.0.1:5000) with the embedded defaults"
@@ -68,26 +68,28 @@ bench: build system-deps
 	$(PY) -m pytest benches --benchmark-only --benchmark-columns=median,ops,rounds -q -s
 	$(MAKE) bench-load
 
-# One server worker pinned to core 0, wrk and the fake upstream on core 1 (see benches/load.py).
+# One server worker pinned to core 0; wrk, the fake upstream and benches/pacer (the many-streams
+# scenarios' native upstream and client) on core 1 (see benches/load.py).
 # Every run also writes its figures and ratios as JSON (BENCH_JSON, git-ignored).
 BENCH_JSON ?= benches/results/last.json
+# benches/pacer: its own crate and lock file (cargo rebuilds it only when it changed).
+pacer:
+	cargo build --release --quiet --manifest-path benches/pacer/Cargo.toml
+
 wrk:
 	@command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk
 
-bench-load: build wrk
-	cargo build --release --quiet --manifest-path benches/pacer/Cargo.toml
+bench-load: build wrk pacer
 	$(PY) benches/load.py --json $(BENCH_JSON)
 
 # Not part of `make test`: the quick subset (load.py --quick, about a minute), compared as ratios to
 # the same run's references against the committed baseline (benches/compare.py).
-bench-compare: build wrk
-	cargo build --release --quiet --manifest-path benches/pacer/Cargo.toml
+bench-compare: build wrk pacer
 	$(PY) benches/load.py --quick --json benches/results/compare.json
 	$(PY) benches/compare.py benches/results/compare.json
 
 # Refresh the committed baseline: on a quiet machine (nothing else busy; /tmp/bench.lock held).
-bench-baseline: build wrk
-	cargo build --release --quiet --manifest-path benches/pacer/Cargo.toml
+bench-baseline: build wrk pacer
 	$(PY) benches/load.py --quick --json benches/baseline.json
 
 # The container image, built here where containers reach no registry or index: local base images
