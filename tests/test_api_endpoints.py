@@ -47,9 +47,9 @@ def test_health_with_only_echo_is_degraded(client) -> None:
         "version": __version__,
         "environment": "development",
         "providers": {
-            "openai": {"configured": False, "models": 0},
-            "claude": {"configured": False, "models": 0},
-            "echo": {"configured": True, "models": 1},
+            "openai": {"configured": False, "models": 0, "status": "disabled"},
+            "claude": {"configured": False, "models": 0, "status": "disabled"},
+            "echo": {"configured": True, "models": 1, "status": "ok"},
         },
         "rate_limit": {"backend": "memory", "redis": "disabled"},
     }
@@ -61,8 +61,8 @@ def test_health_with_a_real_provider_is_ok(make_client) -> None:
     )
     body = client.get("/api/health").json()
     assert body["status"] == "ok"
-    assert body["providers"]["claude"] == {"configured": True, "models": 2}
-    assert body["providers"]["openai"] == {"configured": False, "models": 0}
+    assert body["providers"]["claude"] == {"configured": True, "models": 2, "status": "ok"}
+    assert body["providers"]["openai"] == {"configured": False, "models": 0, "status": "disabled"}
 
 
 def test_health_in_production_without_providers(make_client) -> None:
@@ -71,7 +71,7 @@ def test_health_in_production_without_providers(make_client) -> None:
     assert resp.status_code == 200  # always 200 while the process serves
     body = resp.json()
     assert body["status"] == "degraded" and body["environment"] == "production"
-    assert body["providers"]["echo"] == {"configured": False, "models": 0}
+    assert body["providers"]["echo"] == {"configured": False, "models": 0, "status": "disabled"}
 
 
 def test_live(client) -> None:

@@ -111,11 +111,11 @@ def test_health_shows_the_custom_providers(served: Server) -> None:
     body = get_json(served, "/api/health")
     assert body["status"] == "ok"
     assert body["providers"] == {
-        "openai": {"configured": True, "models": 3},
-        "claude": {"configured": False, "models": 0},
-        "local": {"configured": True, "models": 2},
-        "relay": {"configured": True, "models": 2},
-        "echo": {"configured": True, "models": 1},
+        "openai": {"configured": True, "models": 3, "status": "ok"},
+        "claude": {"configured": False, "models": 0, "status": "disabled"},
+        "local": {"configured": True, "models": 2, "status": "ok"},
+        "relay": {"configured": True, "models": 2, "status": "ok"},
+        "echo": {"configured": True, "models": 1, "status": "ok"},
     }
 
 

@@ -222,8 +222,8 @@ def test_models_and_health_list_custom_providers_with_their_labels(make_client) 
     ]
     health = client.get("/api/health").json()
     assert health["status"] == "ok"  # a custom provider is a real one
-    assert health["providers"]["local"] == {"configured": True, "models": 2}
-    assert health["providers"]["relay"] == {"configured": True, "models": 1}
+    assert health["providers"]["local"] == {"configured": True, "models": 2, "status": "ok"}
+    assert health["providers"]["relay"] == {"configured": True, "models": 1, "status": "ok"}
     assert list(health["providers"]) == ["openai", "claude", "local", "relay", "echo"]
     for path in ("/api/models", "/api/health"):
         assert "sk-relay-secret" not in client.get(path).text
@@ -295,5 +295,8 @@ def test_custom_providers_and_their_models_are_in_the_metrics_label_sets() -> No
     assert ("local", "qwen2.5", "") in duration.index
     errors = layout.families["pwachat_upstream_errors_total"]
     assert any(labels[0] == "local" for labels in errors.index)
+    # Only the configured fallback pairs (N_FALLBACK): a request moves nowhere else.
+    assert Layout(load(LOCAL)).families["pwachat_provider_fallbacks_total"].series == ()
+    layout = Layout(load(LOCAL, LOCAL_FALLBACK="echo", OPENAI_FALLBACK="local:qwen2.5"))
     fallbacks = layout.families["pwachat_provider_fallbacks_total"]
-    assert ("local", "openai") in fallbacks.index and ("openai", "local") in fallbacks.index
+    assert fallbacks.series == (("openai", "local"), ("local", "echo"))

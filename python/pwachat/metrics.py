@@ -252,9 +252,10 @@ class Layout:
             Family(
                 "pwachat_provider_fallbacks_total",
                 "counter",
-                "Requests moved from one provider to another",
+                "Requests moved from one provider to its fallback (N_FALLBACK), by both names",
                 ("from", "to"),
-                tuple((a, b) for a in names for b in names if a != b),
+                # Only the configured pairs: a request goes nowhere else.
+                tuple((s.name, s.fallback[0]) for s in settings.providers if s.fallback is not None),
             ),
             Family(
                 "pwachat_redis_up",
@@ -305,6 +306,7 @@ class Metrics:
 
     __slots__ = (
         "_duration",
+        "_fallbacks",
         "_outcomes",
         "_ratelimit",
         "_requests",
@@ -349,6 +351,7 @@ class Metrics:
         self._tokens = fams["gen_ai_client_token_usage"].index
         self._upstream_errors = fams["pwachat_upstream_errors_total"].index
         self._outcomes = fams["pwachat_stream_events_total"].index
+        self._fallbacks = fams["pwachat_provider_fallbacks_total"].index
 
     # -- the file ---------------------------------------------------------------------------------
 
@@ -449,6 +452,12 @@ class Metrics:
 
     def upstream_error(self, provider: str, code: str) -> None:
         slot = self._upstream_errors.get((provider, code))
+        if slot is not None:
+            self.mv[slot] += 1.0
+
+    def fallback(self, source: str, target: str) -> None:
+        """A request went from `source` to its fallback `target` (its failure, or its breaker open)."""
+        slot = self._fallbacks.get((source, target))
         if slot is not None:
             self.mv[slot] += 1.0
 

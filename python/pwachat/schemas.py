@@ -173,6 +173,14 @@ class ModelsResponse(msgspec.Struct, frozen=True):
 class ProviderHealth(msgspec.Struct, frozen=True):
     configured: bool
     models: int
+    status: Annotated[
+        Literal["ok", "degraded", "disabled"],
+        msgspec.Meta(
+            description="`ok` when it serves; `degraded` while its circuit breaker is open (it failed "
+            "5 times in a row and requests go straight to its fallback, in the worker that answered); "
+            "`disabled` when it cannot serve (`configured` false)"
+        ),
+    ] = "ok"
 
 
 class RateLimitHealth(msgspec.Struct, frozen=True):

@@ -19,7 +19,15 @@ from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 import msgspec
 from dotenv import dotenv_values
 
-__all__ = ["BUILTIN_PROVIDERS", "PROVIDER_ALIASES", "ConfigError", "ProviderSpec", "Settings"]
+__all__ = [
+    "BREAKER_FAILURES",
+    "BUILTIN_PROVIDERS",
+    "PROVIDER_ALIASES",
+    "ConfigError",
+    "ProviderSpec",
+    "Settings",
+    "fallback_variables",
+]
 
 T = TypeVar("T")
 
@@ -27,6 +35,9 @@ DEFAULT_OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini")
 DEFAULT_ANTHROPIC_MODELS = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and concisely."
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: Fallback-worthy failures in a row after which a provider with a fallback is skipped straight to
+#: it for `PROVIDER_BREAKER_S` (contract, "Providers": 5).
+BREAKER_FAILURES = 5
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 #: Redis Cluster: `redis+cluster://[user:password@]host:port[,host:port...][?options]` (the scheme
 #: the `limits` library uses too), with `rediss+cluster://` for TLS; each scheme to the one of a node.
@@ -60,6 +71,9 @@ class ProviderSpec(msgspec.Struct, frozen=True, kw_only=True):
     #: Without a key it cannot serve, unless its base URL is on this host (the vendors' own APIs).
     key_required: bool = False
     builtin: bool = True
+    #: `N_FALLBACK=other[:model]`, resolved: the canonical name and the model a request that this
+    #: provider failed (before its stream was committed) is retried on, once. None: no fallback.
+    fallback: tuple[str, str] | None = None
 
 
 #: The provider objects of each wire format, for the `PROVIDERS` entries (`N_FORMAT`).
@@ -144,6 +158,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     upstream_timeout_s: float = 60.0
     sse_heartbeat_s: float = 15.0
     upstream_max_retries: int = 2
+    #: How long a provider with a fallback is skipped straight to it once it has failed
+    #: `BREAKER_FAILURES` times in a row (the circuit breaker; then one request tries it again).
+    provider_breaker_s: float = 30.0
     request_body_timeout_s: float = 10.0
     #: On SIGTERM, how long running streams may go on before they are ended with `shutting_down`
     #: (Granian's worker kill timeout is a little longer; compose's stop_grace_period longer still).
@@ -286,6 +303,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             upstream_timeout_s=r.float("UPSTREAM_TIMEOUT_S", 60.0, lo=0.001),
             sse_heartbeat_s=r.float("SSE_HEARTBEAT_S", 15.0, lo=0.001),
             upstream_max_retries=r.int("UPSTREAM_MAX_RETRIES", 2, lo=0, hi=10),
+            provider_breaker_s=r.float("PROVIDER_BREAKER_S", 30.0, lo=0.001, hi=86400),
             request_body_timeout_s=r.float("REQUEST_BODY_TIMEOUT_S", 10.0, lo=0.001),
             shutdown_grace_s=r.float("SHUTDOWN_GRACE_S", 25.0, lo=0, hi=3600),
             max_concurrency=r.int("MAX_CONCURRENCY", 4096, lo=1, hi=1_000_000),
@@ -306,6 +324,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         else:
             first = next((p.name for p in providers if s.provider_configured(p.name)), None)
             s = msgspec.structs.replace(s, default_provider=first)
+        for spec in s.providers:
+            # A fallback must be able to serve whenever the provider falling back to it can.
+            if spec.fallback is not None and s.provider_configured(spec.name):
+                target = spec.fallback[0]
+                if not s.provider_configured(target):
+                    why = "ECHO_PROVIDER is off" if target == "echo" else "its API key is not set"
+                    name = next(v for v in fallback_variables(spec) if r.str(v))
+                    raise ConfigError(f"{name}: {target!r} cannot serve ({why})")
         return s
 
 
@@ -361,7 +387,49 @@ def _read_providers(r: _Reader) -> tuple[ProviderSpec, ...]:
         )
     # Before echo: the first that can serve is the default provider, and echo is the offline last resort.
     at = next((i for i, spec in enumerate(builtins) if spec.format == "echo"), len(builtins))
-    return (*builtins[:at], *custom, *builtins[at:])
+    table = (*builtins[:at], *custom, *builtins[at:])
+    # Fallbacks last: a provider may fall back to one listed after it.
+    return tuple(_with_fallback(r, spec, table) for spec in table)
+
+
+def fallback_variables(spec: ProviderSpec) -> tuple[str, ...]:
+    """The variables of a provider's fallback: `N_FALLBACK`, N its name upper-cased, and for a
+    built-in whose other variables have another prefix that one's too (claude: `CLAUDE_FALLBACK`,
+    then `ANTHROPIC_FALLBACK`). None for echo: it never fails."""
+    if spec.format == "echo":
+        return ()
+    own = f"{spec.name.upper()}_FALLBACK"
+    prefixed = f"{spec.env}_FALLBACK" if spec.env else own
+    return (own,) if prefixed == own else (own, prefixed)
+
+
+def _with_fallback(r: _Reader, spec: ProviderSpec, table: tuple[ProviderSpec, ...]) -> ProviderSpec:
+    """`spec` with its fallback resolved against the whole table: `other[:model]`, `other` any
+    spelling of another provider's name, `model` one of its models (default its first)."""
+    found = [(name, text) for name in fallback_variables(spec) if (text := r.str(name))]
+    if not found:
+        return spec
+    name, text = found[0]
+    if len(found) > 1 and found[1][1] != text:
+        raise ConfigError(f"{name}: {found[1][0]} is set too, to another value; set one of them")
+    # Split at the first colon only: model ids may hold colons (Ollama's `qwen2.5:0.5b`).
+    target, colon, model = text.partition(":")
+    aliases = {a: s.name for s in table for a in (s.name, *s.aliases)}
+    to = aliases.get(target.strip().lower())
+    if to is None:
+        raise ConfigError(
+            f"{name}: {target[:40]!r} is not a provider; expected one of "
+            f"{', '.join(s.name for s in table)}, optionally followed by :model"
+        )
+    if to == spec.name:
+        raise ConfigError(f"{name}: a provider cannot fall back to itself")
+    models = next(s.models for s in table if s.name == to)
+    model = model.strip()
+    if colon and not model:
+        raise ConfigError(f"{name}: nothing follows the ':'; name one of {to}'s models, or leave the ':' out")
+    if colon and model not in models:
+        raise ConfigError(f"{name}: {model[:80]!r} is not one of {to}'s models ({', '.join(models)})")
+    return msgspec.structs.replace(spec, fallback=(to, model or models[0]))
 
 
 def is_loopback_url(url: str | None) -> bool:

@@ -1,8 +1,26 @@
-"""The providers this process can serve, and how a request's `provider` / `model` pick one."""
+"""The providers this process can serve, how a request's `provider` / `model` pick one, and where
+a failed request goes next (`N_FALLBACK`, the circuit breaker: contract, "Providers").
+
+Fallback, resolved once at start-up into `Providers.fallbacks` (name -> `Fallback`), so that a
+request pays one dict lookup, and for a provider that has one, a look at its breaker:
+- A request that its provider fails before the stream is committed, with a failure worth trying
+  elsewhere (`fallback_worthy`: connection refused or reset, a timeout, 429, 5xx, overloaded), is
+  sent once to the fallback (its own model or the one named), with a fresh `UPSTREAM_TIMEOUT_S`.
+  Never further: a fallback's own fallback is for requests that name it (no chains, no loops).
+- The breaker (`Breaker`, per worker process): `BREAKER_FAILURES` such failures in a row open it,
+  and for `PROVIDER_BREAKER_S` the provider is skipped straight to its fallback; then one request
+  tries it again (half-open): an answer closes it, a failure opens it for another period. Any
+  answer from the provider (a 400 as much as a 200) ends a run of failures: it is up.
+- A provider without a fallback has no breaker: its failures reach the client as before.
+"""
 
 from __future__ import annotations
 
 import importlib
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
 
 from pwachat.errors import UnknownModel, UnknownProvider
 from pwachat.providers.base import (
@@ -16,11 +34,13 @@ from pwachat.providers.base import (
     UpstreamRateLimited,
     UpstreamTimeout,
 )
-from pwachat.settings import ProviderSpec, Settings
+from pwachat.settings import BREAKER_FAILURES, ProviderSpec, Settings
 
 __all__ = [
+    "Breaker",
     "ChatInput",
     "Completion",
+    "Fallback",
     "Provider",
     "ProviderError",
     "ProviderStream",
@@ -29,7 +49,89 @@ __all__ = [
     "UpstreamRateLimited",
     "UpstreamTimeout",
     "build_providers",
+    "fallback_worthy",
 ]
+
+# The providers' own messages for what is worth another provider (`http_provider.py`: `post` and
+# `error_for_status`, `anthropic.py`): the status and the transport failure are not kept on the
+# error, only in these words. tests/test_fallback.py pins them to the messages the providers write
+# (and tests/test_e2e_fallback.py end to end), so that a change there fails a test rather than
+# quietly stopping fallbacks; an attribute set where the errors are made would be sturdier.
+_TRANSIENT = re.compile(
+    r"\(HTTP 5\d\d\)$"  # 5xx, Anthropic's 529 overloaded_error included
+    r"|^Could not reach "  # connection refused, reset or unreachable (after the retries)
+    r"|^The connection to .* broke while reading"  # reset before the whole answer came
+    r"| is overloaded"  # an `overloaded_error`
+)
+
+
+def fallback_worthy(err: BaseException) -> bool:
+    """Whether a provider's failure is worth the fallback: a connection refused or reset, a
+    timeout, a 429, a 5xx or an overloaded error; not a request it refused (400, 401, 403, 404),
+    nor an answer it could not make sense of, nor a failure of our own."""
+    if isinstance(err, (UpstreamTimeout, UpstreamRateLimited)):
+        return True
+    return type(err) is UpstreamError and _TRANSIENT.search(err.message) is not None
+
+
+class Breaker:
+    """One provider's circuit breaker, in this worker process (each worker learns on its own).
+
+    `open_until` is 0.0 while it is closed, so that the check on every request is one attribute
+    read; once open, it is when the next request may try the provider again. That request takes
+    the next period for itself at once (the others keep going to the fallback), so a probe that
+    never reports (its reader gone) costs one period, not a breaker stuck open."""
+
+    __slots__ = ("failures", "open_until", "period")
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self.failures = 0  # fallback-worthy failures in a row
+        self.open_until = 0.0
+
+    def skips(self) -> bool:
+        """Whether a request should go straight to the fallback now."""
+        until = self.open_until
+        if not until:
+            return False
+        now = time.monotonic()
+        if now < until:
+            return True
+        self.open_until = now + self.period  # half-open: this request tries the provider
+        return False
+
+    @property
+    def open(self) -> bool:
+        """Open or half-open: not yet answered since it opened (health says `degraded`)."""
+        return self.open_until != 0.0
+
+    def record(self, err: BaseException | None) -> None:
+        """The provider answered (`err` None, or a failure that is not its being down) or failed."""
+        if err is None or not fallback_worthy(err):
+            if self.failures:  # (open implies failures: closed, this is one read)
+                self.failures = 0
+                self.open_until = 0.0
+            return
+        self.failures += 1
+        if self.failures >= BREAKER_FAILURES:
+            self.open_until = time.monotonic() + self.period
+
+    def settle(self, opening: Any) -> None:
+        """A done-callback for a stream's opening task: its head arrived, or it failed."""
+        if not opening.cancelled():  # the reader left: nothing learnt
+            self.record(opening.exception())
+
+
+@dataclass(slots=True, frozen=True)
+class Fallback:
+    """Where one provider's failed requests go: resolved from its `N_FALLBACK` at start-up."""
+
+    source: str
+    provider: Provider
+    model: str
+    breaker: Breaker  # the source's
+    target_breaker: Breaker | None  # the fallback's own, when it has a fallback too
+    header: tuple[bytes, bytes]  # X-Fallback-From: <source>
 
 
 class Providers:
@@ -57,6 +159,30 @@ class Providers:
         for name in sorted((n for n in self.specs if n in known), key=lambda n: n not in serving):
             for model in self.models[name]:
                 self.by_model.setdefault(model, name)
+        # name -> its Fallback, for the serving providers that have one (the settings made sure
+        # that the fallback of a provider that serves serves too); each has a breaker.
+        self.breakers = {
+            name: Breaker(settings.provider_breaker_s)
+            for name, spec in self.specs.items()
+            if spec.fallback is not None and name in serving
+        }
+        self.fallbacks: dict[str, Fallback] = {
+            name: Fallback(
+                source=name,
+                provider=serving[to],
+                model=model,
+                breaker=breaker,
+                target_breaker=self.breakers.get(to),
+                header=(b"x-fallback-from", name.encode()),
+            )
+            for name, breaker in self.breakers.items()
+            for to, model in (self.specs[name].fallback,)  # type: ignore[misc]
+        }
+
+    def degraded(self, name: str) -> bool:
+        """Whether that provider's breaker is open (requests skip straight to its fallback)."""
+        breaker = self.breakers.get(name)
+        return breaker is not None and breaker.open
 
     def known(self, name: str) -> bool:
         return name in self.offered

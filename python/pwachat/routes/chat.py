@@ -3,7 +3,8 @@
 Both run the contract's checks in its order (media type, body size, auth, JSON, validation, rate
 limit, provider) in `prepare`, then differ only in how the answer goes out. The stream is committed
 (200 + `start`) once the provider has answered its head or `SSE_HEARTBEAT_S` has passed, so a quick
-upstream failure is still a plain JSON error with its real status.
+upstream failure is still a plain JSON error with its real status, or, for a provider with a
+fallback (`N_FALLBACK`), goes once to that one instead (see `pwachat/providers/__init__.py`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,16 @@ from pwachat.errors import (
 )
 from pwachat.forwarded import client_ip
 from pwachat.metrics import METRICS
-from pwachat.providers import ChatInput, Provider, ProviderError, UpstreamTimeout
+from pwachat.providers import (
+    Breaker,
+    ChatInput,
+    Completion,
+    Fallback,
+    Provider,
+    ProviderError,
+    UpstreamTimeout,
+    fallback_worthy,
+)
 from pwachat.ratelimit import caller_key, rate_limit_headers, refusal
 from pwachat.relay import NO_ANSWER, EventStream, abandon, open_upstream, reader_gone
 from pwachat.schemas import ChatRequest, ChatResponse, Usage, chat_request_document, stream_event_document
@@ -248,23 +258,67 @@ class JsonAnswer:
         await send({"type": "http.response.body", "body": self.body})
 
 
-async def answer_chat(scope: Any, receive: Any, svc: Services) -> JsonAnswer:
-    """POST /api/chat: the provider's whole answer, as one JSON body."""
-    p = await prepare(scope, receive, svc)
+def _fall_back(p: Prepared, fallback: Fallback, reason: str) -> None:
+    """The request goes to the fallback: the answer names it, carries X-Fallback-From, is counted;
+    `reason` (the failure's code, or `circuit_open`) goes into the access line."""
+    METRICS.fallback(fallback.source, fallback.provider.name)
+    p.provider = fallback.provider
+    p.chat = msgspec.structs.replace(p.chat, model=fallback.model)
+    p.headers = [*p.headers, fallback.header]
+    p.log.update(
+        provider=fallback.provider.name,
+        model=fallback.model,
+        fallback_from=fallback.source,
+        fallback_reason=reason,
+    )
+
+
+async def _complete(p: Prepared, timeout_s: float, breaker: Breaker | None) -> Completion:
+    """`p.provider`'s whole answer within `timeout_s`, counted (and told to its breaker)."""
     name, model = p.provider.name, p.chat.model
     started = time.monotonic()
     try:
-        async with asyncio.timeout(svc.settings.upstream_timeout_s):
+        async with asyncio.timeout(timeout_s):
             done = await p.provider.complete(p.chat)
     except (TimeoutError, ProviderError) as exc:
         err = (
             exc if isinstance(exc, ProviderError) else UpstreamTimeout("The provider did not answer in time")
         )
-        p.log["error"] = err.code
         METRICS.upstream_error(name, err.code)
         METRICS.provider_call(name, model, err.code, time.monotonic() - started)
-        raise _with_headers(err, p.headers) from None
+        if breaker is not None:
+            breaker.record(err)
+        raise err from None
     METRICS.provider_call(name, model, "", time.monotonic() - started)
+    if breaker is not None:
+        breaker.record(None)
+    return done
+
+
+async def answer_chat(scope: Any, receive: Any, svc: Services) -> JsonAnswer:
+    """POST /api/chat: the provider's whole answer, as one JSON body (or its fallback's)."""
+    p = await prepare(scope, receive, svc)
+    # Each provider gets the whole UPSTREAM_TIMEOUT_S: a fallback after a timeout needs one of its own.
+    timeout_s = svc.settings.upstream_timeout_s
+    fallback = svc.providers.fallbacks.get(p.provider.name)
+    try:
+        if fallback is None:
+            done = await _complete(p, timeout_s, None)
+        elif fallback.breaker.skips():
+            _fall_back(p, fallback, "circuit_open")
+            done = await _complete(p, timeout_s, fallback.target_breaker)
+        else:
+            try:
+                done = await _complete(p, timeout_s, fallback.breaker)
+            except ProviderError as err:
+                if not fallback_worthy(err):
+                    raise
+                _fall_back(p, fallback, err.code)  # once: the fallback's failure is the answer
+                done = await _complete(p, timeout_s, fallback.target_breaker)
+    except ProviderError as err:
+        p.log["error"] = err.code
+        raise _with_headers(err, p.headers) from None
+    name, model = p.provider.name, p.chat.model
     METRICS.token_usage(name, model, done.input_tokens, done.output_tokens)
     p.log.update(
         finish_reason=done.finish_reason,
@@ -276,8 +330,8 @@ async def answer_chat(scope: Any, receive: Any, svc: Services) -> JsonAnswer:
         p.log["usage_estimated"] = True
     body = ChatResponse(
         id=p.chat_id,
-        provider=p.provider.name,
-        model=p.chat.model,
+        provider=name,
+        model=model,
         response=done.text,
         finish_reason=done.finish_reason,
         usage=Usage(done.input_tokens, done.output_tokens, done.usage_estimated),
@@ -285,34 +339,62 @@ async def answer_chat(scope: Any, receive: Any, svc: Services) -> JsonAnswer:
     return JsonAnswer(_encode(body), p.headers)
 
 
+def _open(p: Prepared, svc: Services, request_id: str, breaker: Breaker | None) -> asyncio.Task[Any]:
+    opening = open_upstream(p.provider, p.chat, svc.settings.upstream_timeout_s, request_id)
+    if breaker is not None:  # told when the head arrives or the opening fails, committed or not
+        opening.add_done_callback(breaker.settle)
+    return opening
+
+
 async def answer_stream(scope: Any, receive: Any, svc: Services) -> RawApp:
-    """POST /api/chat/stream: the answer as Server-Sent Events."""
+    """POST /api/chat/stream: the answer as Server-Sent Events (the provider's, or its fallback's
+    when the provider failed before the stream was committed)."""
     settings = svc.settings
     p = await prepare(scope, receive, svc)
     p.log.update(stream=True, events=0, output_chars=0)
     request_id = scope["state"]["request_id"]
-    started = time.monotonic()
-    opening = open_upstream(p.provider, p.chat, settings.upstream_timeout_s, request_id)
+    fallback = svc.providers.fallbacks.get(p.provider.name)
+    breaker = None
+    if fallback is not None:
+        breaker = fallback.breaker
+        if breaker.skips():
+            _fall_back(p, fallback, "circuit_open")
+            breaker, fallback = fallback.target_breaker, None
+    began = started = time.monotonic()
+    opening = _open(p, svc, request_id, breaker)
     gone = reader_gone(receive)
-    try:
-        # Wait for the provider's head for up to a heartbeat: a quick failure is still plain JSON.
-        await asyncio.wait((opening, gone), timeout=settings.sse_heartbeat_s, return_when="FIRST_COMPLETED")
-    except BaseException:
-        gone.cancel()
-        abandon(opening)  # the request itself was cancelled: take the upstream request with it
-        raise
-    if gone.done():  # the reader left before anything was committed to it
-        p.log["client_gone"] = True
-        abandon(opening)
-        return NO_ANSWER
-    if opening.done() and (error := opening.exception()) is not None:
-        gone.cancel()
-        code = p.log["error"] = getattr(error, "code", "upstream_error")
+    wait_s = settings.sse_heartbeat_s
+    while True:
+        try:
+            # Wait for the provider's head for up to a heartbeat: a quick failure is still plain JSON.
+            await asyncio.wait((opening, gone), timeout=wait_s, return_when="FIRST_COMPLETED")
+        except BaseException:
+            gone.cancel()
+            abandon(opening)  # the request itself was cancelled: take the upstream request with it
+            raise
+        if gone.done():  # the reader left before anything was committed to it
+            p.log["client_gone"] = True
+            abandon(opening)
+            return NO_ANSWER
+        if not opening.done() or (error := opening.exception()) is None:
+            break  # committed: the head is in, or the wait is over
+        code = getattr(error, "code", "upstream_error")
         METRICS.upstream_error(p.provider.name, code)
         METRICS.provider_call(p.provider.name, p.chat.model, code, time.monotonic() - started)
-        if isinstance(error, ApiError):
-            raise _with_headers(error, p.headers)
-        raise error
+        if fallback is None or not fallback_worthy(error):
+            gone.cancel()
+            p.log["error"] = code
+            if isinstance(error, ApiError):
+                raise _with_headers(error, p.headers)
+            raise error
+        # Not committed yet: the fallback, once, under the same rule: committed when its head is
+        # in or when the request has waited SSE_HEARTBEAT_S in all (the client's wait for a first
+        # byte stays one heartbeat at most).
+        _fall_back(p, fallback, code)
+        breaker, fallback = fallback.target_breaker, None
+        wait_s = max(0.0, began + settings.sse_heartbeat_s - time.monotonic())
+        started = time.monotonic()
+        opening = _open(p, svc, request_id, breaker)
     return EventStream(
         opening=opening,
         chat_id=p.chat_id,

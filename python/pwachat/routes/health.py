@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Literal
 
 from litestar import get
 from litestar.datastructures import State
@@ -21,24 +22,35 @@ __all__ = ["health", "live", "ready"]
 async def health(state: State) -> HealthResponse:
     svc: Services = state.services
     settings = svc.settings
+    serving = svc.providers.serving
     providers = {
         name: ProviderHealth(
-            configured=name in svc.providers.serving,
-            models=len(models) if name in svc.providers.serving else 0,
+            configured=name in serving,
+            models=len(models) if name in serving else 0,
+            status=_status(svc, name),
         )
         for name, models in svc.providers.models.items()
     }
     redis = await svc.limiter.redis_state()
     # A real provider: any that serves but the offline echo.
-    real = any(svc.providers.specs[name].format != "echo" for name in svc.providers.serving)
+    real = any(svc.providers.specs[name].format != "echo" for name in serving)
+    # A provider skipped for its fallback is served around, as limits are kept per process while
+    # Redis is away: the answers still come, and the instance says it is degraded.
+    skipped = any(health.status == "degraded" for health in providers.values())
     return HealthResponse(
-        status="ok" if real and redis != "unavailable" else "degraded",
+        status="ok" if real and redis != "unavailable" and not skipped else "degraded",
         version=__version__,
         environment=settings.app_env,
         providers=providers,
         rate_limit=RateLimitHealth(backend=svc.limiter.name, redis=redis),
         runtime=RuntimeHealth(pid=os.getpid(), tasks=len(asyncio.all_tasks()), open_streams=open_streams()),
     )
+
+
+def _status(svc: Services, name: str) -> Literal["ok", "degraded", "disabled"]:
+    if name not in svc.providers.serving:
+        return "disabled"
+    return "degraded" if svc.providers.degraded(name) else "ok"
 
 
 @get("/health/live", summary="Liveness: the process serves", **documented())
