@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pwachat.errors import UpstreamError, UpstreamRateLimited, UpstreamTimeout
+from pwachat.errors import UpstreamError, UpstreamRateLimited, UpstreamTimeout, UpstreamUnavailable
 from pwachat.providers import Breaker, Providers, fallback_worthy
 from pwachat.providers.anthropic import AnthropicProvider
 from pwachat.providers.http_provider import UpstreamHTTP, error_for_status
@@ -134,8 +134,7 @@ def _anthropic() -> AnthropicProvider:
 
 @pytest.mark.parametrize("status", [429, 500, 502, 503, 504, 408, 529, 599])
 def test_429_5xx_and_timeouts_from_the_providers_are_worth_the_fallback(status: int) -> None:
-    # The providers' own mapping, as they raise it: pinned here, so that a change of their
-    # wording fails this test rather than quietly ending fallbacks (providers/__init__.py).
+    # The providers' own mapping, as they raise it (UpstreamUnavailable where they make it).
     for provider in (_openai(), _anthropic()):
         assert fallback_worthy(provider._map_status(status, {})), (provider.name, status)
     assert fallback_worthy(error_for_status("Groq", status, {"retry-after": "3"}))
@@ -185,7 +184,7 @@ def test_a_refused_connection_is_worth_the_fallback() -> None:
 # The breaker
 # --------------------------------------------------------------------------------------------
 
-DOWN = UpstreamError("OpenAI failed (HTTP 503)")
+DOWN = UpstreamUnavailable("OpenAI failed (HTTP 503)")
 REFUSED = UpstreamError("OpenAI refused the request (HTTP 400)")
 
 

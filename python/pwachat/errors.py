@@ -185,6 +185,11 @@ class UpstreamError(ProviderError):
     pass
 
 
+class UpstreamUnavailable(UpstreamError):
+    """The provider is down or overloaded (connection refused or reset, a 5xx, an overloaded
+    error): the same answer as `UpstreamError`, and worth another provider (`N_FALLBACK`)."""
+
+
 class UpstreamRateLimited(ProviderError):
     status, code = 503, "upstream_rate_limited"
     default_message = "The provider is rate limiting requests; try again later"

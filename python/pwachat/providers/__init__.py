@@ -17,7 +17,6 @@ request pays one dict lookup, and for a provider that has one, a look at its bre
 from __future__ import annotations
 
 import importlib
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,7 @@ from pwachat.providers.base import (
     UpstreamError,
     UpstreamRateLimited,
     UpstreamTimeout,
+    UpstreamUnavailable,
 )
 from pwachat.settings import BREAKER_FAILURES, ProviderSpec, Settings
 
@@ -48,30 +48,19 @@ __all__ = [
     "UpstreamError",
     "UpstreamRateLimited",
     "UpstreamTimeout",
+    "UpstreamUnavailable",
     "build_providers",
     "fallback_worthy",
 ]
 
-# The providers' own messages for what is worth another provider (`http_provider.py`: `post` and
-# `error_for_status`, `anthropic.py`): the status and the transport failure are not kept on the
-# error, only in these words. tests/test_fallback.py pins them to the messages the providers write
-# (and tests/test_e2e_fallback.py end to end), so that a change there fails a test rather than
-# quietly stopping fallbacks; an attribute set where the errors are made would be sturdier.
-_TRANSIENT = re.compile(
-    r"\(HTTP 5\d\d\)$"  # 5xx, Anthropic's 529 overloaded_error included
-    r"|^Could not reach "  # connection refused, reset or unreachable (after the retries)
-    r"|^The connection to .* broke while reading"  # reset before the whole answer came
-    r"| is overloaded"  # an `overloaded_error`
-)
-
 
 def fallback_worthy(err: BaseException) -> bool:
     """Whether a provider's failure is worth the fallback: a connection refused or reset, a
-    timeout, a 429, a 5xx or an overloaded error; not a request it refused (400, 401, 403, 404),
-    nor an answer it could not make sense of, nor a failure of our own."""
-    if isinstance(err, (UpstreamTimeout, UpstreamRateLimited)):
-        return True
-    return type(err) is UpstreamError and _TRANSIENT.search(err.message) is not None
+    timeout, a 429, a 5xx or an overloaded error (the providers raise `UpstreamUnavailable`,
+    `UpstreamTimeout` or `UpstreamRateLimited` for those where they are made); not a request it
+    refused (400, 401, 403, 404), nor an answer it could not make sense of, nor a failure of our
+    own."""
+    return isinstance(err, (UpstreamUnavailable, UpstreamTimeout, UpstreamRateLimited))
 
 
 class Breaker:

@@ -19,6 +19,7 @@ from pwachat.providers.base import (
     UpstreamError,
     UpstreamRateLimited,
     UpstreamTimeout,
+    UpstreamUnavailable,
     normalise_finish_reason,
 )
 from pwachat.providers.http_provider import HttpProvider
@@ -86,14 +87,14 @@ class AnthropicProvider(HttpProvider):
 
     def _map_status(self, status: int, headers: Mapping[str, str]) -> ProviderError:
         if status == 529:
-            return UpstreamError(f"{self.label} is overloaded (HTTP 529)")
+            return UpstreamUnavailable(f"{self.label} is overloaded (HTTP 529)")
         return super()._map_status(status, headers)
 
     def _map_event_error(self, kind: str, message: str) -> ProviderError:
         if kind == "rate_limit_error":
             return UpstreamRateLimited(f"{self.label} is rate limiting requests; try again later")
         if kind == "overloaded_error":
-            return UpstreamError(f"{self.label} is overloaded; try again later")
+            return UpstreamUnavailable(f"{self.label} is overloaded; try again later")
         if kind == "timeout_error":
             return UpstreamTimeout(f"{self.label} timed out")
         return UpstreamError(f"{self.label} reported an error mid-stream ({kind})")

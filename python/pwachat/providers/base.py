@@ -22,6 +22,7 @@ from pwachat.errors import (
     UpstreamError,
     UpstreamRateLimited,
     UpstreamTimeout,
+    UpstreamUnavailable,
 )
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamRateLimited",
     "UpstreamTimeout",
+    "UpstreamUnavailable",
     "normalise_finish_reason",
 ]
 

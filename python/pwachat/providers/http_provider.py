@@ -62,6 +62,7 @@ from pwachat.providers.base import (
     UpstreamError,
     UpstreamRateLimited,
     UpstreamTimeout,
+    UpstreamUnavailable,
     normalise_finish_reason,
 )
 from pwachat.providers.http_client import ConnectFailed, Pool, Response, TransportError
@@ -144,7 +145,7 @@ def error_for_status(label: str, status: int, headers: Mapping[str, str]) -> Pro
         return UpstreamTimeout(f"{label} timed out (HTTP {status})")
     if status < 500:
         return UpstreamError(f"{label} refused the request (HTTP {status})")
-    return UpstreamError(f"{label} failed (HTTP {status})")
+    return UpstreamUnavailable(f"{label} failed (HTTP {status})")
 
 
 class UpstreamHTTP:
@@ -177,7 +178,7 @@ class UpstreamHTTP:
                     await asyncio.sleep(_backoff(attempt, None))
                     attempt += 1
                     continue
-                raise UpstreamError(f"Could not reach {self.label}") from None
+                raise UpstreamUnavailable(f"Could not reach {self.label}") from None
             if resp.status < 300:
                 return resp
             resp.release()
@@ -383,7 +384,9 @@ class HttpProvider:
             # itself: the provider stops generating an answer nobody will read.
             raw = await resp.read()
         except (TransportError, OSError):
-            raise UpstreamError(f"The connection to {self.label} broke while reading its answer") from None
+            raise UpstreamUnavailable(
+                f"The connection to {self.label} broke while reading its answer"
+            ) from None
         resp.release()
         try:
             done = self._completion(raw)
