@@ -35,7 +35,7 @@ CORS_METHODS = b"GET, POST, OPTIONS"
 CORS_REQUEST_HEADERS = b"Authorization, Content-Type, X-Request-ID"
 CORS_EXPOSED = (
     b"X-Request-ID, Retry-After, X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset, "
-    b"RateLimit, RateLimit-Policy"
+    b"RateLimit, RateLimit-Policy, X-Fallback-From"
 )
 
 

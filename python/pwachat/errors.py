@@ -305,6 +305,7 @@ _HEADERS: dict[str, tuple[str, int | None]] = {
     "X-Request-ID": ("The request's id (a valid client-sent one is echoed); also in the error body", None),
     "Retry-After": ("Whole seconds to wait before trying again", 1),
     "WWW-Authenticate": ("`Bearer`", None),
+    "X-Fallback-From": ("The provider that failed, when its fallback answered (`N_FALLBACK`)", None),
     **_RATE_LIMIT_HEADERS,
 }
 
@@ -366,7 +367,8 @@ def documented(
     by_status: dict[int, list[type[ApiError]]] = {}
     for cls in dict.fromkeys((*errors, InternalError)):
         by_status.setdefault(cls.status, []).append(cls)
-    admitted = dict.fromkeys(_RATE_LIMIT_HEADERS, True) if rate_limited else {}
+    # Once admitted, the answer may come from a provider's fallback, and then says whose it was.
+    admitted = {**dict.fromkeys(_RATE_LIMIT_HEADERS, True), "X-Fallback-From": False} if rate_limited else {}
 
     def carried(cls: type[ApiError]) -> dict[str, bool]:
         after_limit = rate_limited and issubclass(cls, ProviderError)
