@@ -158,6 +158,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     upstream_timeout_s: float = 60.0
     sse_heartbeat_s: float = 15.0
     upstream_max_retries: int = 2
+    #: Egress proxies (pwachat/providers/proxy.py): `HTTPS_PROXY` for https base URLs (a CONNECT
+    #: tunnel), `HTTP_PROXY` for http ones (absolute-form requests), `NO_PROXY` the hosts reached
+    #: directly. Each also read lower-case, which wins (as curl and Python's urllib do). Checked at
+    #: start-up; errors name the variable, never the value (it may hold a password).
+    https_proxy: str | None = None
+    http_proxy: str | None = None
+    no_proxy: str = ""
     #: How long a provider with a fallback is skipped straight to it once it has failed
     #: `BREAKER_FAILURES` times in a row (the circuit breaker; then one request tries it again).
     provider_breaker_s: float = 30.0
@@ -303,6 +310,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             upstream_timeout_s=r.float("UPSTREAM_TIMEOUT_S", 60.0, lo=0.001),
             sse_heartbeat_s=r.float("SSE_HEARTBEAT_S", 15.0, lo=0.001),
             upstream_max_retries=r.int("UPSTREAM_MAX_RETRIES", 2, lo=0, hi=10),
+            https_proxy=r.proxy("HTTPS_PROXY"),
+            http_proxy=r.proxy("HTTP_PROXY"),
+            no_proxy=r.raw("no_proxy") or r.raw("NO_PROXY") or "",
             provider_breaker_s=r.float("PROVIDER_BREAKER_S", 30.0, lo=0.001, hi=86400),
             request_body_timeout_s=r.float("REQUEST_BODY_TIMEOUT_S", 10.0, lo=0.001),
             shutdown_grace_s=r.float("SHUTDOWN_GRACE_S", 25.0, lo=0, hi=3600),
@@ -457,6 +467,20 @@ class _Reader:
 
     def str(self, name: str) -> str | None:
         return self.raw(name) or None
+
+    def proxy(self, name: str) -> str | None:
+        """A `*_PROXY` URL, the lower-case spelling first; the error names the variable only."""
+        from pwachat.providers.proxy import parse_proxy_url  # not at import: providers import us
+
+        for spelling in (name.lower(), name):
+            value = self.raw(spelling)
+            if value:
+                try:
+                    parse_proxy_url(value)
+                except ValueError as err:
+                    raise ConfigError(f"{spelling}: {err}") from None
+                return value
+        return None
 
     def _number(self, name: str, default: T, parse: Callable[[str], T], kind: str, lo, hi) -> T:
         text = self.raw(name)

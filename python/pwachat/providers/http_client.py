@@ -14,12 +14,25 @@ instead of into a fresh 256 KiB bytes object per record, cut down and joined per
 default mmap threshold each of those objects was an mmap, mremap and munmap (a 20-event stream
 over TLS 782 -> 336 us of CPU, client and server in one process).
 
-What it does, as HTTP/1.1 asks of a client: keep-alive connections reused LIFO (dropped when the
-server closes them, says `Connection: close`, or they sat idle past `KEEPALIVE_S`), a request that
-meets a reused connection the server had already closed is sent again on a fresh one, 1xx interim
-answers are skipped, TLS (SNI, the system's CAs) for https base URLs, and new connections try the
-host's addresses Happy-Eyeballs style (aiohappyeyeballs, as aiohttp does). What it leaves out, because
-neither API needs it: proxies, redirects, cookies, compression (it asks for none), HTTP/2.
+What it does, as HTTP/1.1 asks of a client: keep-alive connections reused LIFO, dropped when the
+server closes them, says `Connection: close`, sends a byte out of turn, or they sat idle past
+`KEEPALIVE_S` or the server's own `Keep-Alive: timeout` less `KEEPALIVE_MARGIN_S`; at most
+`MAX_IDLE_PER_POOL` idle per pool, the least recently used closed first, and those past their idle
+limit closed whenever a connection is taken or released (no timer per connection). A request that
+meets a reused connection the server had already closed raises `StaleConnection` rather than
+being sent again here: the caller counts that resend as a retry (http_provider.py). 1xx interim
+answers are skipped (a 101 is an error: we never ask to upgrade); TLS (SNI, the system's CAs) for
+https base URLs; new connections try the host's addresses Happy-Eyeballs style (aiohappyeyeballs,
+as aiohttp does); an egress proxy (proxy.py) is reached with a CONNECT tunnel for https origins
+and absolute-form requests for http ones. The base URL's query string is kept on every request,
+an IDN host is sent as its A-label.
+
+What it refuses rather than misreads: a status or Content-Length that is not ASCII digits (or
+Content-Lengths that disagree), a head past `MAX_HEAD_BYTES` however it arrived, a
+`Content-Encoding` other than identity (we ask for identity), a `Transfer-Encoding` other than
+exactly `chunked`. A head ended by bare LFs is read as llhttp does (leniently) instead of waiting
+for a CRLF that never comes. What it leaves out, because neither API needs it: redirects,
+cookies, compression, HTTP/2.
 
 Every connection ends, whatever happens to the request on it: a provider keeps generating (and
 billing) for as long as its connection is open. A cancel or a timeout while waiting for the head
@@ -35,13 +48,21 @@ import contextlib
 import socket
 import ssl
 import time
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohappyeyeballs
 
-__all__ = ["ConnectFailed", "Pool", "Response", "TransportError"]
+from pwachat.providers.proxy import Proxy, ascii_host
+
+__all__ = ["ConnectFailed", "Pool", "ProxyRefused", "Response", "StaleConnection", "TransportError"]
 
 KEEPALIVE_S = 30.0
+#: A server's `Keep-Alive: timeout=N` shortens a connection's idle limit to N minus this (uvicorn and
+#: vLLM say 5): a request written as the server's timer fires meets a close, so we stop short of it.
+KEEPALIVE_MARGIN_S = 1.0
+#: Idle connections kept per pool at most (LIFO, so the ones past it are the least recently used):
+#: a burst of a few thousand concurrent requests does not leave as many sockets open afterwards.
+MAX_IDLE_PER_POOL = 256
 CONNECT_TIMEOUT_S = 10.0
 MAX_HEAD_BYTES = 64 * 1024
 #: Pause reading when this much body is waiting to be consumed, resume below a quarter of it.
@@ -50,6 +71,7 @@ HIGH_WATER = 1024 * 1024
 #: one pass of decrypting what arrived) hands the parser at most.
 READ_BUFFER = 64 * 1024
 _HEX = b"0123456789abcdefABCDEF"
+_DIGITS = "0123456789"
 #: The largest whole (non-streamed) answer read: a chat completion is a few kilobytes.
 MAX_BODY_BYTES = 32 * 1024 * 1024
 #: How long a stream released before its closing chunk (usually in flight: a round trip) is read on
@@ -63,6 +85,26 @@ class TransportError(ConnectionError):
 
 class ConnectFailed(TransportError):
     """No connection could be made (refused, unreachable, TLS failure, timed out)."""
+
+
+class StaleConnection(TransportError):
+    """A reused keep-alive connection closed before any byte of the answer came back: the server
+    timed it out as we wrote. Whether the request reached the server is unknown, so the pool does
+    not send it again itself; the caller's retry budget decides (`http_provider.UpstreamHTTP`)."""
+
+
+class ProxyRefused(ConnectFailed):
+    """The egress proxy refused the CONNECT tunnel (407, 403, 502...); `status` is its answer (0:
+    not HTTP). The message names the proxy's host and port, never its credentials."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _is_number(text: str) -> bool:
+    # str.isdigit() is true of '²' and other non-ASCII digits, which int() then refuses.
+    return bool(text) and not text.strip(_DIGITS)
 
 
 class _Conn(asyncio.BufferedProtocol):
@@ -88,6 +130,7 @@ class _Conn(asyncio.BufferedProtocol):
         self.remaining = 0  # length: body bytes to come; chunked: bytes left in this chunk
         self.chunk_phase = "size"  # size, data, crlf, trailer
         self.reusable = True
+        self.idle_limit = KEEPALIVE_S  # shortened by the server's `Keep-Alive: timeout=N`
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.interrupted = False  # `interrupt()`: the reader's deadline passed (see readany)
@@ -110,6 +153,7 @@ class _Conn(asyncio.BufferedProtocol):
     def data_received(self, data: bytes | memoryview) -> None:
         if self.state not in ("head", "body"):
             # Bytes nobody asked for (a server talking out of turn): this connection is not reusable.
+            # The pool checks the flag when it takes a connection (`begin` sets it anew).
             self.reusable = False
             return
         self.received += len(data)
@@ -153,47 +197,89 @@ class _Conn(asyncio.BufferedProtocol):
     # -- parsing -------------------------------------------------------------------------------
 
     def _parse(self) -> None:
+        buf = self.buf
         while self.state == "head":
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buf) > MAX_HEAD_BYTES:
+            # The blank line that ends the head, as CRLF CRLF or, leniently as llhttp does, with bare
+            # LFs (LF LF, LF CRLF): an answer spelled so is read at once instead of waiting for more.
+            end = buf.find(b"\n\r\n")
+            bare = buf.find(b"\n\n", 0, end + 1 if end >= 0 else len(buf))
+            if bare >= 0:
+                end, skip = bare, 2
+            elif end >= 0:
+                skip = 3
+            else:
+                if len(buf) > MAX_HEAD_BYTES:
                     raise TransportError("the response head is too long")
                 return
-            head = bytes(self.buf[:end]).decode("latin-1")
-            del self.buf[: end + 4]
+            if end > MAX_HEAD_BYTES:  # the whole head came in one read: still too long
+                raise TransportError("the response head is too long")
+            head = bytes(buf[:end]).decode("latin-1")
+            del buf[: end + skip]
             self._head(head)
         if self.state == "body":
             self._body()
 
     def _head(self, head: str) -> None:
-        lines = head.split("\r\n")
-        parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        lines = head.split("\n")
+        parts = lines[0].rstrip("\r").split(" ", 2)
+        if (
+            len(parts) < 2
+            or not parts[0].startswith("HTTP/1.")
+            or len(parts[1]) != 3
+            or not _is_number(parts[1])
+        ):
             raise TransportError("the answer is not HTTP/1.x")
         status = int(parts[1])
-        if 100 <= status < 200 and status != 101:
+        if status == 101:
+            # Switching Protocols: we never ask to upgrade, so what follows is not our answer.
+            raise TransportError("the server switched protocols unasked (HTTP 101)")
+        if 100 <= status < 200:
             return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
         headers: dict[str, str] = {}
+        repeated: dict[str, list[str]] | None = None
         for line in lines[1:]:
             name, sep, value = line.partition(":")
             if not sep:
                 raise TransportError("a response header line has no colon")
             key = name.strip().lower()
             value = value.strip()
-            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+            if key in headers:  # joined once at the end: a join per repeat is quadratic
+                if repeated is None:
+                    repeated = {}
+                repeated.setdefault(key, [headers[key]]).append(value)
+            else:
+                headers[key] = value
+        if repeated is not None:
+            for key, values in repeated.items():
+                headers[key] = ", ".join(values)
         self.status = status
         self.headers = headers
         if "close" in headers.get("connection", "").lower() or parts[0] == "HTTP/1.0":
             self.reusable = False
-        if status in (204, 304) or status == 101:
+        keep_alive = headers.get("keep-alive")
+        if keep_alive is not None:
+            self._keep_alive(keep_alive)
+        coding = headers.get("content-encoding")
+        if coding is not None and coding.strip().lower() not in ("", "identity"):
+            # We ask for identity (Accept-Encoding); a compressed body would be relayed as garbage.
+            raise TransportError("the answer has a content encoding the client did not ask for")
+        if status in (204, 304):
             self.framing = "length"
             self.state = "done"
             return
-        if "chunked" in headers.get("transfer-encoding", "").lower():
+        transfer = headers.get("transfer-encoding")
+        if transfer is not None:
+            codings = [c.strip().lower() for c in transfer.split(",") if c.strip()]
+            # chunked must be the last coding (RFC 9112 6.1); any other coding we cannot undo.
+            if codings != ["chunked"]:
+                raise TransportError("the answer has a transfer coding the client cannot read")
             self.framing = "chunked"
+            if "content-length" in headers:
+                self.reusable = False  # both: chunked wins, and the connection is not trusted after
         elif "content-length" in headers:
-            length = headers["content-length"].split(",")[0].strip()
-            if not length.isdigit():
+            values = {v.strip() for v in headers["content-length"].split(",")}
+            length = values.pop()
+            if values or not _is_number(length):
                 raise TransportError("the Content-Length is not a number")
             self.framing = "length"
             self.remaining = int(length)
@@ -203,6 +289,15 @@ class _Conn(asyncio.BufferedProtocol):
         self.state = "body"
         if self.framing == "length" and self.remaining == 0:
             self.state = "done"
+
+    def _keep_alive(self, value: str) -> None:
+        for param in value.split(","):
+            name, _, number = param.partition("=")
+            if name.strip().lower() == "timeout":
+                number = number.strip().strip('"')
+                if _is_number(number):
+                    self.idle_limit = min(KEEPALIVE_S, int(number) - KEEPALIVE_MARGIN_S)
+                return
 
     def _body(self) -> None:
         buf = self.buf
@@ -381,53 +476,79 @@ class Response:
 
 
 class Pool:
-    """Keep-alive connections to one origin, and the request bytes that go out on them."""
+    """Keep-alive connections to one origin (maybe through an egress proxy), and the request bytes
+    that go out on them."""
 
-    def __init__(self, base_url: str, headers: dict[str, str]) -> None:
+    def __init__(self, base_url: str, headers: dict[str, str], proxy: Proxy | None = None) -> None:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError("the base URL must be http:// or https:// with a host")
-        self.host = url.hostname
-        self.port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            port = url.port
+        except ValueError:
+            raise ValueError("the base URL's port is not a number from 1 to 65535") from None
+        # An IDN host (bücher.example) goes on the wire, into DNS and into SNI as its A-label.
+        self.host = ascii_host(url.hostname)
+        self.port = port or (443 if url.scheme == "https" else 80)
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if url.scheme == "https" else None
-        self.prefix = url.path.rstrip("/")
+        self.proxy = proxy
+        # The path as sent (anything outside ASCII percent-encoded), and the base URL's query string
+        # (Azure's `api-version=...`), kept on every request (contract, "Providers"). The Anthropic
+        # SDK hands us its base URL with its trailing slash appended after the query: not ours.
+        self.prefix = quote(url.path.rstrip("/"), safe="/%:@!$&'()*+,;=-._~")
+        query = url.query.removesuffix("/")
+        self.query = "?" + quote(query, safe="=&%:@!$'()*+,;/?-._~") if query else ""
         default_port = self.port == (443 if url.scheme == "https" else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host
         authority = host if default_port else f"{host}:{self.port}"
-        # Later names win over earlier ones whatever their case; these four are the client's own.
+        # Through a proxy to an http origin the request line names the whole URL (absolute form).
+        self._origin = f"http://{authority}" if proxy is not None and self.ssl is None else ""
+        # Later names win over earlier ones whatever their case; these are the client's own.
         chosen: dict[str, tuple[str, str]] = {}
         for name, value in headers.items():
             if any(c in name + value for c in "\r\n\0") or not name or ":" in name:
                 raise ValueError(f"the header {name!r} cannot be sent")
             chosen[name.lower()] = (name, value)
-        for own in ("host", "content-length", "transfer-encoding", "accept-encoding"):
+        for own in ("host", "content-length", "transfer-encoding", "accept-encoding", "proxy-authorization"):
             chosen.pop(own, None)
         lines = [
             f"Host: {authority}",
             "Accept-Encoding: identity",
             *(f"{n}: {v}" for n, v in chosen.values()),
         ]
+        if self._origin and proxy is not None and proxy.authorization:
+            lines.append(f"Proxy-Authorization: {proxy.authorization}")  # to the proxy, which drops it
         self._headers = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
+        self._connect_request = b""
+        if proxy is not None and self.ssl is not None:
+            tunnel = [f"CONNECT {host}:{self.port} HTTP/1.1", f"Host: {host}:{self.port}"]
+            if proxy.authorization:
+                tunnel.append(f"Proxy-Authorization: {proxy.authorization}")
+            self._connect_request = ("\r\n".join(tunnel) + "\r\n\r\n").encode("latin-1")
         self._idle: list[_Conn] = []
         self._read_buffer = memoryview(bytearray(READ_BUFFER))  # see _Conn.get_buffer
         self._draining: set[_Conn] = set()  # released streams read on to their end (see _release)
         self._closed = False
 
     def request_bytes(self, path: str, body: bytes) -> bytes:
-        target = (self.prefix + path).encode("latin-1")
+        target = (self._origin + self.prefix + path + self.query).encode("latin-1")
         return b"".join(
             (b"POST ", target, b" HTTP/1.1\r\n", self._headers, str(len(body)).encode(), b"\r\n\r\n", body)
         )
 
     async def _connect(self) -> _Conn:
         loop = asyncio.get_running_loop()
+        proxy = self.proxy
+        host, port = (proxy.host, proxy.port) if proxy is not None else (self.host, self.port)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 # Happy Eyeballs (RFC 8305, as aiohttp does it): the addresses are tried staggered,
                 # so a host whose IPv6 route is a black hole still connects over IPv4 at once.
-                infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
                 sock = await aiohappyeyeballs.start_connection(infos, happy_eyeballs_delay=0.25, interleave=1)
                 try:
+                    if self._connect_request:
+                        await self._tunnel(loop, sock)
                     _, conn = await loop.create_connection(
                         lambda: _Conn(self),
                         sock=sock,
@@ -437,44 +558,82 @@ class Pool:
                 except BaseException:
                     sock.close()  # a failed or abandoned TLS handshake: the socket is still ours
                     raise
+        except ProxyRefused:
+            raise
         except (OSError, TimeoutError) as err:  # refused, unreachable, DNS, TLS (ssl.SSLError)
-            raise ConnectFailed(f"could not connect: {type(err).__name__}") from None
+            through = f" through the proxy {proxy.where}" if proxy is not None else ""
+            raise ConnectFailed(f"could not connect{through}: {type(err).__name__}") from None
         return conn
+
+    async def _tunnel(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        """CONNECT through the proxy, on the bare socket: TLS to the origin then starts on it. The
+        origin speaks only after our ClientHello, so nothing past the proxy's answer is read here."""
+        assert self.proxy is not None
+        await loop.sock_sendall(sock, self._connect_request)
+        head = bytearray()
+        while True:
+            data = await loop.sock_recv(sock, 4096)
+            if not data:
+                raise ConnectionResetError("the proxy closed the connection")
+            head += data
+            end = head.find(b"\r\n\r\n")
+            if end < 0:
+                end = head.find(b"\n\n")
+            if end >= 0:
+                break
+            if len(head) > MAX_HEAD_BYTES:
+                raise ProxyRefused(0, f"the proxy {self.proxy.where} answered the CONNECT with no HTTP")
+        parts = bytes(head[:end]).split(b"\n", 1)[0].split()
+        status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() and len(parts[1]) == 3 else 0
+        if not 200 <= status < 300:
+            said = f"HTTP {status}" if status else "no HTTP"
+            raise ProxyRefused(status, f"the proxy {self.proxy.where} refused the tunnel ({said})")
+
+    def _take(self) -> _Conn | None:
+        """The most recently used idle connection still usable; those that are not are closed."""
+        idle = self._idle
+        now = time.monotonic()
+        self._sweep(now)
+        while idle:
+            conn = idle.pop()
+            if conn.closed or not conn.reusable or now - conn.idle_since > conn.idle_limit:
+                conn.abort()  # closed by the server, talked out of turn, or idle past its limit
+                continue
+            return conn
+        return None
 
     async def send(self, request: bytes) -> Response:
         """Send `request` and wait for the head of its answer (interim 1xx skipped).
 
         A reused connection that turns out closed before any byte of the answer came back (the
-        server timed it out as we wrote) is not the server's answer: the request goes again on a
-        fresh connection. Cancelled or failed half-way, the connection is dropped."""
-        now = time.monotonic()
-        while True:
-            conn = None
-            while self._idle:
-                candidate = self._idle.pop()
-                if candidate.closed or now - candidate.idle_since > KEEPALIVE_S:
-                    candidate.abort()
-                    continue
-                conn = candidate
-                break
-            reused = conn is not None
-            if conn is None:
-                conn = await self._connect()
-            try:
-                conn.begin(request)
-                while conn.state == "head":
-                    if conn.error is not None:
-                        raise conn.error
-                    await conn.wait()
-            except TransportError:
-                conn.abort()
-                if reused and conn.received == 0:
-                    continue
-                raise
-            except BaseException:
-                conn.abort()
-                raise
-            return Response(conn, self)
+        server timed it out as we wrote) raises `StaleConnection`: the request may or may not have
+        reached the server, so sending it again is the caller's to decide and count. Cancelled or
+        failed half-way, the connection is dropped."""
+        conn = self._take()
+        reused = conn is not None
+        if conn is None:
+            conn = await self._connect()
+        try:
+            conn.begin(request)
+            while conn.state == "head":
+                if conn.error is not None:
+                    raise conn.error
+                await conn.wait()
+        except TransportError as err:
+            conn.abort()
+            if reused and conn.received == 0 and not isinstance(err, StaleConnection):
+                raise StaleConnection("a reused connection closed before the answer") from None
+            raise
+        except BaseException:
+            conn.abort()
+            raise
+        return Response(conn, self)
+
+    def _sweep(self, now: float) -> None:
+        """Close the least recently used idle connections past their idle limit, or past the cap."""
+        idle = self._idle
+        while idle and (len(idle) > MAX_IDLE_PER_POOL or now - idle[0].idle_since > idle[0].idle_limit):
+            idle.pop(0).abort()
 
     def _release(self, conn: _Conn) -> None:
         usable = conn.reusable and not conn.closed and not self._closed and conn.error is None
@@ -490,10 +649,11 @@ class Pool:
             self._draining.add(conn)
             conn.drain_timer = conn.loop.call_later(DRAIN_TIMEOUT_S, conn.abort)
             return
-        if usable and conn.state == "done" and not conn.body:
+        if usable and conn.state == "done" and not conn.body and conn.idle_limit > 0:
             conn.state = "idle"
-            conn.idle_since = time.monotonic()
+            conn.idle_since = now = time.monotonic()
             self._idle.append(conn)
+            self._sweep(now)
         else:
             conn.abort()
 

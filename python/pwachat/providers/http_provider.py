@@ -8,7 +8,16 @@ per-chunk model building cost far more than the relay itself (see benches/).
 
 Retries follow the SDKs' policy (connection errors, 408, 409, 429 and 5xx; `x-should-retry`;
 `retry-after` up to 60 s, else exponential backoff with jitter) and happen only before a response
-head is accepted, so a stream that has started is never replayed.
+head is accepted, so a stream that has started is never replayed. A request that met a reused
+keep-alive connection the server had just closed (`StaleConnection`: nothing of an answer came) is
+sent again at once on a fresh one, but counted against `UPSTREAM_MAX_RETRIES` like any retry: the
+server may have read the POST before it closed, and a resend can be a second, billed, generation.
+The race is rare since the pool honours the server's `Keep-Alive: timeout` (http_client.py).
+
+Through an egress proxy (`proxy.py`), a proxy that refuses the CONNECT tunnel or answers 407 is an
+`upstream_error` whose message names the proxy's host and port and its status, never its
+credentials; 403 and 407 are not retried (they will not change), a 502 or 503 is like a refused
+connection.
 
 A provider's `Retry-After` (or `retry-after-ms`) is believed only when it is a finite number of
 seconds, or an HTTP date, within 0..`MAX_RETRY_AFTER_S` (contract, "Edge rules"); an unusable one
@@ -65,7 +74,15 @@ from pwachat.providers.base import (
     UpstreamUnavailable,
     normalise_finish_reason,
 )
-from pwachat.providers.http_client import ConnectFailed, Pool, Response, TransportError
+from pwachat.providers.http_client import (
+    ConnectFailed,
+    Pool,
+    ProxyRefused,
+    Response,
+    StaleConnection,
+    TransportError,
+)
+from pwachat.providers.proxy import Proxy, proxy_for
 
 __all__ = [
     "DEFAULT_RETRY_AFTER_S",
@@ -159,12 +176,13 @@ class UpstreamHTTP:
         headers: dict[str, str],
         max_retries: int,
         map_status: Callable[[int, Mapping[str, str]], ProviderError],
+        proxy: Proxy | None = None,
     ) -> None:
         self.label = label
         self.max_retries = max_retries
         self.map_status = map_status
         # Whole-request bounds are the relay's (UPSTREAM_TIMEOUT_S); only connecting is bounded here.
-        self.pool = Pool(base_url, {"Content-Type": "application/json", **headers})
+        self.pool = Pool(base_url, {"Content-Type": "application/json", **headers}, proxy=proxy)
 
     async def post(self, path: str, body: bytes) -> Response:
         """POST and return the accepted (2xx) response with its body unread; map every failure."""
@@ -173,6 +191,21 @@ class UpstreamHTTP:
         while True:
             try:
                 resp = await self.pool.send(request)
+            except StaleConnection:
+                # A reused connection the server closed as we wrote: the request may have reached
+                # it, so a resend is a retry like any other, counted; sent at once (the server is
+                # not failing, our connection was old).
+                if attempt < self.max_retries:
+                    attempt += 1
+                    continue
+                raise UpstreamUnavailable(f"Could not reach {self.label}") from None
+            except ProxyRefused as err:
+                if err.status in (403, 407) or attempt >= self.max_retries:
+                    # The proxy's own words (its host and port and status), never its credentials.
+                    raise UpstreamError(f"Could not reach {self.label}: {err}") from None
+                await asyncio.sleep(_backoff(attempt, None))
+                attempt += 1
+                continue
             except (ConnectFailed, TransportError, OSError):
                 if attempt < self.max_retries:
                     await asyncio.sleep(_backoff(attempt, None))
@@ -182,6 +215,11 @@ class UpstreamHTTP:
             if resp.status < 300:
                 return resp
             resp.release()
+            if resp.status == 407 and self.pool.proxy is not None:
+                raise UpstreamError(
+                    f"Could not reach {self.label}: the proxy {self.pool.proxy.where} "
+                    "asked for credentials (HTTP 407)"
+                )
             if attempt < self.max_retries and _should_retry(resp):
                 await asyncio.sleep(_backoff(attempt, retry_after_s(resp.headers)))
                 attempt += 1
@@ -362,6 +400,12 @@ class HttpProvider:
             headers=headers,
             max_retries=settings.upstream_max_retries,
             map_status=self._map_status,
+            proxy=proxy_for(
+                base_url,
+                https_proxy=settings.https_proxy,
+                http_proxy=settings.http_proxy,
+                no_proxy=settings.no_proxy,
+            ),
         )
 
     def _body(self, chat: ChatInput, stream: bool) -> bytes:
