@@ -119,11 +119,13 @@ def no_proxy_matches(no_proxy: str, host: str, port: int) -> bool:
                 return True
             continue
         try:
-            if address is not None and address == ipaddress.ip_address(name):
-                return True
-            continue  # an IP entry matches that IP only
+            entry_address = ipaddress.ip_address(name)
         except ValueError:
-            pass
+            entry_address = None
+        if entry_address is not None:  # an IP entry matches that IP only
+            if address == entry_address:
+                return True
+            continue
         domain = name.removeprefix("*").lstrip(".").rstrip(".")
         if domain and (host == domain or host.endswith("." + domain)):
             return True
