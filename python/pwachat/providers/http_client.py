@@ -226,7 +226,7 @@ class _Conn(asyncio.BufferedProtocol):
             len(parts) < 2
             or not parts[0].startswith("HTTP/1.")
             or len(parts[1]) != 3
-            or not _is_number(parts[1])
+            or not (parts[1].isascii() and parts[1].isdigit())  # isdigit alone: '²' too
         ):
             raise TransportError("the answer is not HTTP/1.x")
         status = int(parts[1])
@@ -269,9 +269,10 @@ class _Conn(asyncio.BufferedProtocol):
             return
         transfer = headers.get("transfer-encoding")
         if transfer is not None:
-            codings = [c.strip().lower() for c in transfer.split(",") if c.strip()]
             # chunked must be the last coding (RFC 9112 6.1); any other coding we cannot undo.
-            if codings != ["chunked"]:
+            if transfer != "chunked" and [c.strip().lower() for c in transfer.split(",") if c.strip()] != [
+                "chunked"
+            ]:
                 raise TransportError("the answer has a transfer coding the client cannot read")
             self.framing = "chunked"
             if "content-length" in headers:
