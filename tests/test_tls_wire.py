@@ -6,8 +6,8 @@ protocol its decrypted bytes through `get_buffer`/`buffer_updated`, into the one
 pool's connections share. So each behaviour here runs on both loops: a stream whose every chunk is
 a TLS record of its own (what a provider sends, one write per event) with many records in one
 read, connections reused through TLS (one handshake), concurrent connections whose reads
-interleave in that shared buffer, and a body many times that buffer's size through a paused
-transport.
+interleave in that shared buffer, a body many times that buffer's size through a paused
+transport, and TLS through an egress proxy's CONNECT tunnel.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import pytest
 import uvloop
 
 from pwachat.providers.http_client import READ_BUFFER, Pool
+from pwachat.providers.proxy import parse_proxy_url
 from raw_server import Server
+from recording_proxy import RecordingProxy
 
 LOOPS: dict[str, Callable[[Awaitable[object]], object]] = {
     "asyncio": asyncio.run,  # type: ignore[dict-item]
@@ -152,6 +154,32 @@ def test_a_tls_body_many_times_the_read_buffer_flows_through_the_paused_transpor
             resp = await pool.send(pool.request_bytes("/chat", b"{}"))
             assert await resp.read() == big  # the connection was still good
             resp.release()
+            assert srv.connections == 1
+            await pool.aclose()
+
+    run(main())
+
+
+def test_a_stream_through_a_connect_tunnel_is_whole_and_the_tunnel_reused(
+    run: Callable[[Awaitable[object]], object], tls_server_context: ssl.SSLContext
+) -> None:
+    """CONNECT on the bare socket, then each loop's own SSL transport over it (pwachat/providers/proxy.py)."""
+    events = [b'data: {"n":%d}\n\n' % i for i in range(200)]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
+        writer.write(HEAD)
+        for event in events:
+            writer.write(frame(event))
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    async def main() -> None:
+        async with Server(handler, tls=tls_server_context) as srv, RecordingProxy() as proxy:
+            pool = Pool(srv.url, {}, proxy=parse_proxy_url(f"http://u:p@127.0.0.1:{proxy.port}"))
+            for _ in range(3):
+                assert await read_stream(pool) == b"".join(events)
+            assert [line.split()[0] for line, _ in proxy.seen] == ["CONNECT"]
             assert srv.connections == 1
             await pool.aclose()
 
