@@ -15,7 +15,7 @@ from collections.abc import Awaitable
 
 import pytest
 
-from pwachat.providers.base import ChatInput, UpstreamError
+from pwachat.providers.base import ChatInput, UpstreamError, UpstreamUnavailable
 from pwachat.providers.http_client import Pool
 from pwachat.providers.http_provider import UpstreamHTTP
 from pwachat.providers.openai import OpenAIProvider
@@ -223,6 +223,8 @@ def test_a_refused_tunnel_is_an_upstream_error_that_names_no_secret(
             with pytest.raises(UpstreamError) as err:
                 await up.post("/chat", b"{}")
             message = str(err.value)
+            # The proxy could not reach the provider (502): worth a fallback; refused us: not.
+            assert isinstance(err.value, UpstreamUnavailable) is (status == 502)
             assert f"HTTP {status}" in message and f"127.0.0.1:{proxy.port}" in message
             assert PASSWORD not in message and "user" not in message and "sk-k" not in message
             assert srv.requests == []

@@ -16,8 +16,8 @@ The race is rare since the pool honours the server's `Keep-Alive: timeout` (http
 
 Through an egress proxy (`proxy.py`), a proxy that refuses the CONNECT tunnel or answers 407 is an
 `upstream_error` whose message names the proxy's host and port and its status, never its
-credentials; 403 and 407 are not retried (they will not change), a 502 or 503 is like a refused
-connection.
+credentials; 403 and 407 are not retried (they will not change) and are not worth a fallback, a
+502 or 503 is like a refused connection (retried, then `UpstreamUnavailable`).
 
 A provider's `Retry-After` (or `retry-after-ms`) is believed only when it is a finite number of
 seconds, or an HTTP date, within 0..`MAX_RETRY_AFTER_S` (contract, "Edge rules"); an unusable one
@@ -200,9 +200,11 @@ class UpstreamHTTP:
                     continue
                 raise UpstreamUnavailable(f"Could not reach {self.label}") from None
             except ProxyRefused as err:
-                if err.status in (403, 407) or attempt >= self.max_retries:
-                    # The proxy's own words (its host and port and status), never its credentials.
+                # The proxy's own words (its host and port and status), never its credentials.
+                if err.status in (403, 407):  # our configuration: no retry or fallback will help
                     raise UpstreamError(f"Could not reach {self.label}: {err}") from None
+                if attempt >= self.max_retries:  # 502, 503...: the proxy could not reach it
+                    raise UpstreamUnavailable(f"Could not reach {self.label}: {err}") from None
                 await asyncio.sleep(_backoff(attempt, None))
                 attempt += 1
                 continue
