@@ -90,8 +90,10 @@ def throughput(run: Run, kind: str) -> None:
                 reference_is="fake directly",
                 target=target,
                 note=_busy(ours) + _bad(ours),
-                # chat's fake sits near its own limit on the load core: two quiet runs moved 14%.
-                gate=kind != "chat",
+                # Throughput is whichever side saturates first, and the fake shares its core with
+                # wrk: its own figure moved 38% between two runs 40 s apart (2026-12-02). Reported;
+                # the CPU per request or event below is what the regression check gates.
+                gate=False,
             ),
             Figure(
                 f"{kind}.server_cpu_us",
@@ -116,6 +118,9 @@ def throughput(run: Run, kind: str) -> None:
                 reference_is="plain HTTP",
                 target="ratio >= 0.90",
                 note=_busy(secure) + _bad(secure),
+                # A fresh server whose first seconds are 64 TLS handshakes: 0.72 and 0.93 in two
+                # runs of the same code. Reported, not gated.
+                gate=False,
             ),
             Figure(
                 f"tls.{kind}.server_cpu_us",
@@ -125,6 +130,7 @@ def throughput(run: Run, kind: str) -> None:
                 better="lower",
                 reference=cpu_per,
                 reference_is="plain HTTP",
+                gate=False,
             ),
         )
 
@@ -183,10 +189,13 @@ def streams_level(run: Run, name: str, n: int, period: float, chunks: int, direc
     events = ours["events"]
     seconds = ours["elapsed_ms"] / 1000
     run.results.add(
+        # Lateness is a ratio to the pacer's own (well under a millisecond): near saturation it
+        # moved 25% between two runs of the same code. Reported; CPU per event is gated.
         fig(
             "lateness_p50_ms",
             f"{head}: relay lateness p50",
             "lateness_p50_ms",
+            gate=False,
             note=f"{ours['steady_events']:,} events after the ramp; {pacer_busy(ours)}"
             + (f"; directly: {pacer_busy(theirs)}" if theirs else ""),
         ),
