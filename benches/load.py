@@ -19,6 +19,8 @@ compares those ratios):
 - concurrent:  --streams streams at once, a chunk every 250 ms, 24 each (6 s): relay lateness
                (arrival at the client minus the pacer's scheduled send time, which each token's
                text carries) p50/p99/max, first-byte time, peak resident memory of a fresh server
+- redis:       chat and stream with the request limits in a real redis-server (REDIS_URL, on the
+               load core), as ratios to the memory:// figures of the same run (features on vs off)
 - latency:     100 requests/s, p50 latency through the server and to the fake directly, in
                alternating one-second blocks; back to back; the liveness probe against a no-op app
 - paced:       real-paced streams, a token every 33 ms, 120 each (4 s), at 1,000 / 2,000 / 4,000 at
@@ -44,9 +46,9 @@ from pathlib import Path
 
 from loadbench.procs import LOAD_CORE, PACER, ROOT, Fake, Pacer, TlsFiles, raise_fd_limit, server
 from loadbench.results import Results
-from loadbench.scenarios import Run, latency, streams_level, throughput
+from loadbench.scenarios import Run, latency, redis_limits, streams_level, throughput
 
-ALL = "chat,stream,tls,concurrent,latency,paced,held"
+ALL = "chat,stream,tls,redis,concurrent,latency,paced,held"
 QUICK = {"only": "chat,stream,tls,paced", "seconds": 4, "paced_levels": "1000"}
 
 
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     tls = fake = pacer = None
     try:
-        if only & {"chat", "stream", "tls", "latency"}:
+        if only & {"chat", "stream", "tls", "redis", "latency"}:
             tls = TlsFiles(tmp)
             fake = Fake(tmp, tls)
         pacer = Pacer(args.pacer_processes, args.pacer_client_core) if paced else None
@@ -132,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             with server(fake.url + "/v1", tmp) as plain:
                 run.plain = plain
                 for kind in ("chat", "stream"):
-                    if only & {kind, "tls"}:
+                    if only & {kind, "tls", "redis"}:
                         throughput(run, kind)
+                if "redis" in only:
+                    redis_limits(run)
                 if "latency" in only:
                     latency(run)
             run.plain = None

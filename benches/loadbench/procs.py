@@ -197,9 +197,12 @@ class Pacer:
 class Server:
     """`pwachat serve`, one worker pinned to SERVER_CORE, the OpenAI provider at `base_url`."""
 
-    def __init__(self, base_url: str, tmp: Path, ca_file: Path | None = None) -> None:
+    def __init__(
+        self, base_url: str, tmp: Path, ca_file: Path | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         extra = {"SSL_CERT_FILE": str(ca_file)} if ca_file is not None else {}
+        extra.update(env or {})
         env = clean_env(
             PORT=str(self.port),
             WORKERS="1",
@@ -267,8 +270,8 @@ class Server:
 
 
 @contextlib.contextmanager
-def server(base_url: str, tmp: Path, ca_file: Path | None = None):  # type: ignore[no-untyped-def]
-    srv = Server(base_url, tmp, ca_file)
+def server(base_url: str, tmp: Path, ca_file: Path | None = None, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    srv = Server(base_url, tmp, ca_file, env)
     try:
         yield srv
     finally:

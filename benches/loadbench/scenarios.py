@@ -5,12 +5,13 @@ many-streams scenarios), and adds its figures to the run's Results."""
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .clients import WrkRun, noop_latency, openai_body, paced_latency, wrk
-from .procs import OPENAI_KEY, Fake, Pacer, Server, TlsFiles, server
+from .procs import LOAD_CORE, OPENAI_KEY, Fake, Pacer, Server, TlsFiles, server
 from .results import Figure, Results
 
 CHUNKS = 20
@@ -66,6 +67,7 @@ def throughput(run: Run, kind: str) -> None:
     fake.behave() if kind == "chat" else fake.behave(chunks=CHUNKS)
     assert run.plain is not None
     ours = wrk(run.plain.url + path, MESSAGE, {}, run.seconds, run.connections, run.cpu(run.plain))
+    run.measured[kind] = ours
     cpu_per = ours.server_cpu_s / max(1, ours.requests * per) * 1e6
     fake_per = ours.fake_cpu_s / max(1, ours.requests * per) * 1e6
     what = "request" if kind == "chat" else "event"
@@ -133,6 +135,53 @@ def throughput(run: Run, kind: str) -> None:
                 gate=False,
             ),
         )
+
+
+def redis_limits(run: Run) -> None:
+    """Features on: chat and stream with the request limits in a real redis-server (on the load
+    core) instead of `memory://`, as ratios to the plain figures `throughput` measured just before
+    in the same run (`run.measured`). Every request is admitted (limits of 10^9): the cost shown is
+    the admitted request's round trip."""
+    from redis_server import RedisServer  # tests/ is on the path (procs.py)
+
+    redis = RedisServer(run.tmp).start()
+    try:
+        assert redis.proc is not None
+        os.sched_setaffinity(redis.proc.pid, {int(LOAD_CORE)})
+        with server(run.fake.url + "/v1", run.tmp, env={"REDIS_URL": redis.url}) as srv:
+            for kind in ("chat", "stream"):
+                plain = run.measured.get(kind)
+                if plain is None:
+                    continue
+                per = 1 if kind == "chat" else CHUNKS
+                path = "/api/chat" if kind == "chat" else "/api/chat/stream"
+                run.fake.behave() if kind == "chat" else run.fake.behave(chunks=CHUNKS)
+                on = wrk(srv.url + path, MESSAGE, {}, run.seconds, run.connections, run.cpu(srv))
+                unit, what = ("req/s", "request") if kind == "chat" else ("events/s", "event")
+                run.results.add(
+                    Figure(
+                        f"redis.{kind}.throughput",
+                        f"{'/api/chat requests/s' if kind == 'chat' else 'stream events/s'}, limits in Redis",
+                        on.rps * per,
+                        unit,
+                        reference=plain.rps * per,
+                        reference_is="memory:// limits, same run",
+                        note=_busy(on) + _bad(on),
+                        gate=False,
+                    ),
+                    Figure(
+                        f"redis.{kind}.server_cpu_us",
+                        f"  server CPU per {what}, limits in Redis",
+                        on.server_cpu_s / max(1, on.requests * per) * 1e6,
+                        "us",
+                        better="lower",
+                        reference=plain.server_cpu_s / max(1, plain.requests * per) * 1e6,
+                        reference_is="memory:// limits, same run",
+                        gate=False,
+                    ),
+                )
+    finally:
+        redis.stop()
 
 
 # -- many streams at once: concurrent, paced, held ---------------------------------------------------
