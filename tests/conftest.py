@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -114,3 +115,18 @@ def _parse_sse(raw: bytes) -> list[SseEvent]:
 @pytest.fixture
 def parse_sse() -> Callable[[bytes], list[SseEvent]]:
     return _parse_sse
+
+
+@pytest.fixture
+def tls_server_context(tmp_path, monkeypatch) -> ssl.SSLContext:  # type: ignore[no-untyped-def]
+    """A server certificate for `localhost` from a throwaway CA, which the process then trusts
+    (SSL_CERT_FILE is where OpenSSL, and so `ssl.create_default_context`, looks for CAs)."""
+    import trustme
+
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    return context

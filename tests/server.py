@@ -145,6 +145,22 @@ def stop_server(server: Server) -> None:
         os.killpg(group, signal.SIGKILL)  # a worker still finishing its streams
 
 
+def access_line(server: Server, request_id: str) -> dict[str, Any]:
+    """This request's access log line in the server's LOG_FILE (written once its response ended)."""
+
+    def find() -> dict[str, Any] | None:
+        if not server.app_log.exists():
+            return None
+        for line in server.app_log.read_text().splitlines():
+            if request_id in line:
+                rec = json.loads(line)
+                if rec.get("logger") == "pwachat.access" and rec.get("request_id") == request_id:
+                    return rec
+        return None
+
+    return poll(find, 10.0, f"the access line of {request_id}")
+
+
 def sse_request(port: int, payload: bytes, headers: str = "") -> socket.socket:
     """Open a raw socket and send a POST /api/chat/stream; the caller reads the answer."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import reference
 from fake_upstream import DEFAULT_ANTHROPIC_KEY, DEFAULT_OPENAI_KEY, FakeUpstream
-from server import Server, free_port, poll, start_server, stop_server
+from server import Server, access_line, free_port, poll, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
@@ -96,20 +96,6 @@ def stream(srv: Server, provider: str, message: str = "Hello there") -> tuple[in
 
 def text_of(events: list[tuple[str, Any]]) -> str:
     return "".join(data["content"] for kind, data in events if kind == "delta")
-
-
-def access_line(srv: Server, request_id: str) -> dict[str, Any]:
-    def found() -> dict[str, Any] | None:
-        if not srv.app_log.exists():
-            return None
-        for line in srv.app_log.read_text().splitlines():
-            if request_id in line:
-                record = json.loads(line)
-                if record.get("msg") == "request" and record.get("request_id") == request_id:
-                    return record
-        return None
-
-    return poll(found, 10, f"the access line of {request_id}")
 
 
 def fallbacks_counted(srv: Server) -> dict[tuple[str, str], float]:

@@ -459,21 +459,6 @@ def test_closing_a_released_response_leaves_the_pooled_connection_alone() -> Non
     run(main())
 
 
-@pytest.fixture
-def tls_server_context(tmp_path, monkeypatch) -> ssl.SSLContext:  # type: ignore[no-untyped-def]
-    """A server certificate for `localhost` from a throwaway CA, which the process then trusts
-    (SSL_CERT_FILE is where OpenSSL, and so `ssl.create_default_context`, looks for CAs)."""
-    import trustme
-
-    ca = trustme.CA()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(context)
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
-    return context
-
-
 def test_https_base_urls_speak_tls_and_verify_the_server(tls_server_context: ssl.SSLContext) -> None:
     async def main() -> None:
         ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

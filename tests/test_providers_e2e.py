@@ -23,7 +23,7 @@ from conftest import LEAKS
 from fake_upstream import FakeUpstream
 from pwachat.providers import http_provider
 from reference import parse_sse
-from server import Server, free_port, poll, sse_request, start_server, stop_server
+from server import Server, access_line, free_port, poll, sse_request, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
@@ -309,22 +309,6 @@ def health_runtime(srv: Server) -> dict[str, int]:
     status, _, raw = srv.request("GET", "/api/health")
     assert status == 200
     return json.loads(raw)["runtime"]
-
-
-def access_line(srv: Server, request_id: str) -> dict[str, Any]:
-    """This request's access log line (written when its response has ended)."""
-
-    def find() -> dict[str, Any] | None:
-        if not srv.app_log.exists():
-            return None
-        for line in srv.app_log.read_text().splitlines():
-            if request_id in line:
-                rec = json.loads(line)
-                if rec.get("logger") == "pwachat.access" and rec.get("request_id") == request_id:
-                    return rec
-        return None
-
-    return poll(find, 10.0, f"the access line of {request_id}")
 
 
 def one_record(fake: FakeUpstream, provider: str) -> dict[str, Any]:

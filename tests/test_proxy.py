@@ -48,20 +48,6 @@ async def post(pool: Pool) -> bytes:
     return data
 
 
-@pytest.fixture
-def tls_server_context(tmp_path, monkeypatch) -> ssl.SSLContext:  # type: ignore[no-untyped-def]
-    """A certificate for `localhost` from a throwaway CA the process trusts (SSL_CERT_FILE)."""
-    import trustme
-
-    ca = trustme.CA()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(context)
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
-    return context
-
-
 # -- which proxy, if any -------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from fake_upstream import FakeUpstream
 from pwachat._native import UpstreamParser, estimate_input_tokens, estimate_output_tokens
 from reference import anthropic_stream, openai_stream, parse_sse
-from server import Server, poll, read_all, split_response, sse_request, start_server, stop_server
+from server import Server, access_line, read_all, split_response, sse_request, start_server, stop_server
 
 # --------------------------------------------------------------------------------------------
 # The estimate, against its reference
@@ -174,22 +174,6 @@ def ask(srv: Server, endpoint: str, provider: str) -> tuple[dict[str, Any], byte
     assert events[0].type == "start" and events[-1].type in ("done", "error"), events
     text = "".join(json.loads(e.data)["content"] for e in events if e.type == "delta")
     return json.loads(events[-1].data), raw.split(b"\n\n")[-2], text, request_id
-
-
-def access_line(srv: Server, request_id: str) -> dict[str, Any]:
-    """This request's access log line (written once its response has ended)."""
-
-    def find() -> dict[str, Any] | None:
-        if not srv.app_log.exists():
-            return None
-        for line in srv.app_log.read_text().splitlines():
-            if request_id in line:
-                rec = json.loads(line)
-                if rec.get("logger") == "pwachat.access" and rec.get("request_id") == request_id:
-                    return rec
-        return None
-
-    return poll(find, 10.0, f"the access line of {request_id}")
 
 
 def sent(fake: FakeUpstream, upstream: str) -> tuple[str, list[tuple[str, str]], str]:
