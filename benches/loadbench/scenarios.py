@@ -109,32 +109,47 @@ def throughput(run: Run, kind: str) -> None:
         )
     if "tls" in run.only:
         with server(fake.tls_url + "/v1", run.tmp, run.tls.ca_file) as tls:
-            secure = wrk(tls.url + path, MESSAGE, {}, run.seconds, run.connections, run.cpu(tls))
-        res.add(
-            Figure(
-                f"tls.{kind}.throughput",
-                f"{label}, provider over TLS",
-                secure.rps * per,
-                unit,
-                reference=ours.rps * per,
-                reference_is="plain HTTP",
-                target="ratio >= 0.90",
-                note=_busy(secure) + _bad(secure),
-                # A fresh server whose first seconds are 64 TLS handshakes: 0.72 and 0.93 in two
-                # runs of the same code. Reported, not gated.
-                gate=False,
-            ),
-            Figure(
-                f"tls.{kind}.server_cpu_us",
-                f"  server CPU per {what}, provider over TLS",
-                secure.server_cpu_s / max(1, secure.requests * per) * 1e6,
-                "us",
-                better="lower",
-                reference=cpu_per,
-                reference_is="plain HTTP",
-                gate=False,
-            ),
-        )
+            # A fresh server whose first seconds are 64 TLS handshakes: 0.72 and 0.93 in two runs
+            # of the same code. Reported, not gated.
+            _against_plain(run, kind, tls, "tls", "provider over TLS", "plain HTTP", target="ratio >= 0.90")
+
+
+def _against_plain(
+    run: Run, kind: str, srv: Server, prefix: str, what_differs: str, plain_is: str, **kw
+) -> None:  # type: ignore[no-untyped-def]
+    """The same load as `throughput`'s, against `srv` (the same server but for one thing), as
+    ratios to the plain figures measured just before in the same run (`run.measured[kind]`):
+    `<prefix>.<kind>.throughput` and `.server_cpu_us`, reported, not gated."""
+    plain = run.measured[kind]
+    per = 1 if kind == "chat" else CHUNKS
+    path = "/api/chat" if kind == "chat" else "/api/chat/stream"
+    unit, what = ("req/s", "request") if kind == "chat" else ("events/s", "event")
+    label = "/api/chat requests/s" if kind == "chat" else f"/api/chat/stream delta events/s ({CHUNKS} chunks)"
+    run.fake.behave() if kind == "chat" else run.fake.behave(chunks=CHUNKS)
+    on = wrk(srv.url + path, MESSAGE, {}, run.seconds, run.connections, run.cpu(srv))
+    run.results.add(
+        Figure(
+            f"{prefix}.{kind}.throughput",
+            f"{label}, {what_differs}",
+            on.rps * per,
+            unit,
+            reference=plain.rps * per,
+            reference_is=plain_is,
+            note=_busy(on) + _bad(on),
+            gate=False,
+            **kw,
+        ),
+        Figure(
+            f"{prefix}.{kind}.server_cpu_us",
+            f"  server CPU per {what}, {what_differs}",
+            on.server_cpu_s / max(1, on.requests * per) * 1e6,
+            "us",
+            better="lower",
+            reference=plain.server_cpu_s / max(1, plain.requests * per) * 1e6,
+            reference_is=plain_is,
+            gate=False,
+        ),
+    )
 
 
 def redis_limits(run: Run) -> None:
@@ -150,36 +165,8 @@ def redis_limits(run: Run) -> None:
         os.sched_setaffinity(redis.proc.pid, {int(LOAD_CORE)})
         with server(run.fake.url + "/v1", run.tmp, env={"REDIS_URL": redis.url}) as srv:
             for kind in ("chat", "stream"):
-                plain = run.measured.get(kind)
-                if plain is None:
-                    continue
-                per = 1 if kind == "chat" else CHUNKS
-                path = "/api/chat" if kind == "chat" else "/api/chat/stream"
-                run.fake.behave() if kind == "chat" else run.fake.behave(chunks=CHUNKS)
-                on = wrk(srv.url + path, MESSAGE, {}, run.seconds, run.connections, run.cpu(srv))
-                unit, what = ("req/s", "request") if kind == "chat" else ("events/s", "event")
-                run.results.add(
-                    Figure(
-                        f"redis.{kind}.throughput",
-                        f"{'/api/chat requests/s' if kind == 'chat' else 'stream events/s'}, limits in Redis",
-                        on.rps * per,
-                        unit,
-                        reference=plain.rps * per,
-                        reference_is="memory:// limits, same run",
-                        note=_busy(on) + _bad(on),
-                        gate=False,
-                    ),
-                    Figure(
-                        f"redis.{kind}.server_cpu_us",
-                        f"  server CPU per {what}, limits in Redis",
-                        on.server_cpu_s / max(1, on.requests * per) * 1e6,
-                        "us",
-                        better="lower",
-                        reference=plain.server_cpu_s / max(1, plain.requests * per) * 1e6,
-                        reference_is="memory:// limits, same run",
-                        gate=False,
-                    ),
-                )
+                if kind in run.measured:
+                    _against_plain(run, kind, srv, "redis", "limits in Redis", "memory:// limits, same run")
     finally:
         redis.stop()
 
