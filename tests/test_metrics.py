@@ -94,6 +94,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, fake: FakeUpstream) -> Iter
         OPENAI_API_KEY=OPENAI_KEY,
         OPENAI_BASE_URL=fake.openai_base_url,
         UPSTREAM_MAX_RETRIES="0",
+        STREAM_GRACE_S="0",  # a reader leaving cancels at once (`cancelled`); the grace: test_e2e_resume.py
         RATELIMIT_PER_MINUTE="100000",
         RATELIMIT_PER_HOUR="100000",
         RATELIMIT_PER_DAY="100000",

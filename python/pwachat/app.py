@@ -27,6 +27,7 @@ from pwachat.routes.metrics import metrics_endpoint
 from pwachat.routes.pages import pages_router
 from pwachat.services import Services
 from pwachat.settings import Settings
+from pwachat.streams import Streams, create_mirror
 
 __all__ = ["create_app", "create_app_from_env"]
 
@@ -40,12 +41,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
         providers = build_providers(settings)
         limiter = create_backend(settings)
         await limiter.start()
+        mirror = create_mirror(settings)
+        streams = Streams(settings, mirror)
+        if mirror is not None:
+            await mirror.start(streams)
         app.state.services = Services(
             settings=settings,
             providers=providers,
             limiter=limiter,
             policy=policy_header(settings),
             tokens=tuple(t.encode() for t in settings.api_tokens),
+            streams=streams,
         )
         # SIGTERM: new requests 503, running streams get SHUTDOWN_GRACE_S (in a Granian worker;
         # see drain.py). The lifespan's end comes only once every request has ended.
@@ -55,6 +61,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         finally:
             undrain()
             await providers.aclose()
+            streams.close()
+            if mirror is not None:
+                await mirror.aclose()
             await limiter.aclose()
 
     app = Litestar(

@@ -310,6 +310,7 @@ class Metrics:
         "_outcomes",
         "_ratelimit",
         "_requests",
+        "_resumes",
         "_route_base",
         "_streams",
         "_tokens",
@@ -351,6 +352,7 @@ class Metrics:
         self._tokens = fams["gen_ai_client_token_usage"].index
         self._upstream_errors = fams["pwachat_upstream_errors_total"].index
         self._outcomes = fams["pwachat_stream_events_total"].index
+        self._resumes = fams["pwachat_stream_resumes_total"].index
         self._fallbacks = fams["pwachat_provider_fallbacks_total"].index
 
     # -- the file ---------------------------------------------------------------------------------
@@ -462,9 +464,13 @@ class Metrics:
             self.mv[slot] += 1.0
 
     def stream_ended(self, outcome: str) -> None:
-        """`done`, `error`, `cancelled` (the reader left: with no grace period, the generation goes
-        with it) or `grace_expired`."""
+        """`done`, `error`, `cancelled` (stopped, or the reader left with no grace period) or
+        `grace_expired` (nobody came back within STREAM_GRACE_S)."""
         self.mv[self._outcomes[(outcome,)]] += 1.0
+
+    def stream_resumed(self, outcome: str) -> None:
+        """`GET /api/chat/stream/{id}`: `ok`, or `not_found` (unknown, expired or another's)."""
+        self.mv[self._resumes[(outcome,)]] += 1.0
 
 
 #: This process's one writer (see the module's docstring).

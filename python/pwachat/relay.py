@@ -12,7 +12,9 @@ Timing rules (contract, "POST /api/chat/stream"):
 - `UPSTREAM_TIMEOUT_S` bounds the wait for the provider's head (retries included) and each gap
   between two chunks; either ends a committed stream with an `upstream_timeout` error event.
 - While the provider is silent for `SSE_HEARTBEAT_S`, a `: ping` comment goes out.
-- The client leaving closes the upstream connection at once.
+- The reader leaving: the generation goes on into the stream's log for `STREAM_GRACE_S`, for a
+  resume to pick up; then, or at once with a grace of 0, or on an explicit stop, the upstream
+  connection is closed and the log ends with `done` `cancelled` (pwachat/streams.py owns when).
 - On SIGTERM, streams get `SHUTDOWN_GRACE_S` to finish (`pwachat/drain.py`); the rest then end with
   an `error` event `shutting_down`, their upstream connections closed (`end_streams`).
 """
@@ -23,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -40,9 +43,11 @@ from pwachat.providers import (
     UpstreamTimeout,
 )
 from pwachat.schemas import DoneEvent, StartEvent, Usage
+from pwachat.streams import StreamLog, Streams
 
 __all__ = [
     "NO_ANSWER",
+    "STREAM_HEADERS",
     "EventStream",
     "abandon",
     "end_streams",
@@ -55,6 +60,12 @@ log = logging.getLogger("pwachat.relay")
 
 _encode = msgspec.json.Encoder().encode
 PING = sse_comment("ping")
+#: The head of every event stream (the POST's, a resume's).
+STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 _open_streams = 0
 
 
@@ -103,11 +114,20 @@ def open_upstream(
 def reader_gone(receive: Any) -> asyncio.Future[Any]:
     """A future that is done when the reader disconnects (the one reader of `receive` from then
     on). Once the body has been read, the next ASGI message can only be `http.disconnect`, and
-    Granian's `receive()` is already a future: no task is needed to wait for it."""
+    Granian's `receive()` is already a future: no task is needed to wait for it. It is wrapped in
+    an asyncio future of ours, because Granian's keeps only one done-callback (`asyncio.wait` on
+    it would silently replace the relay's)."""
     pending = receive()
     if asyncio.isfuture(pending):
-        return pending
+        gone = asyncio.get_running_loop().create_future()
+        pending.add_done_callback(partial(_settle, gone))
+        return gone
     return asyncio.ensure_future(_until_disconnect_after(pending, receive))
+
+
+def _settle(gone: asyncio.Future[Any], _pending: object) -> None:
+    if not gone.done():
+        gone.set_result(None)
 
 
 async def _until_disconnect_after(first: Any, receive: Any) -> None:
@@ -118,9 +138,8 @@ async def _until_disconnect_after(first: Any, receive: Any) -> None:
 
 def abandon(opening: asyncio.Task[ProviderStream]) -> None:
     """The reader has gone before the stream was committed: cancel the provider request now
-    (cancelling the task closes its connection; a stream that has just opened is closed). The one
-    place that decides what happens to a request nobody reads any more: a grace period for
-    resumable streams goes here."""
+    (cancelling the task closes its connection; a stream that has just opened is closed). No grace
+    here: the reader never got the stream's id (its `start` event), so nobody could resume it."""
     if not opening.done():
         opening.cancel()
     elif not opening.cancelled() and opening.exception() is None:
@@ -177,31 +196,32 @@ def _usage(stream: ProviderStream, fields: dict[str, Any]) -> Usage:
     return usage
 
 
-class _Closer:
-    __slots__ = ("stream",)
-
-    def __init__(self, stream: ProviderStream) -> None:
-        self.stream = stream
-
-    def __call__(self, _task: object) -> None:
-        self.stream.abort()
+#: How each way a stream ends is counted (`pwachat_stream_events_total{outcome}`), by stop reason.
+_OUTCOMES = {"stopped": "cancelled", "reader_gone": "cancelled", "grace_expired": "grace_expired"}
 
 
 class EventStream:
-    """The committed stream: `start`, then deltas as they arrive, then one `done` or `error`."""
+    """The committed stream: `start`, then deltas as they arrive, then one `done` or `error`; the
+    generation of its log (pwachat/streams.py) and the original reader's answer, in one task."""
 
     __slots__ = (
+        "attached",
         "chat_id",
         "fields",
         "gap_s",
         "gone",
         "headers",
         "heartbeat_s",
+        "log",
+        "logged",
         "model",
         "opening",
+        "owner",
         "provider",
         "request_id",
         "started",
+        "streams",
+        "upstream",
     )
 
     def __init__(
@@ -218,6 +238,8 @@ class EventStream:
         gap_s: float,
         gone: asyncio.Future[Any],
         started: float,
+        streams: Streams,
+        owner: str,
     ) -> None:
         self.opening = opening
         self.started = started  # time.monotonic() when the provider request began
@@ -230,6 +252,31 @@ class EventStream:
         self.request_id = request_id
         self.heartbeat_s = heartbeat_s
         self.gap_s = gap_s
+        self.streams = streams
+        self.owner = owner
+        self.attached = True  # the original reader is still there
+        self.logged = 0  # events appended to the log so far
+        self.upstream: ProviderStream | None = None
+        self.log: StreamLog | None = None
+
+    def _cancel_generation(self) -> None:
+        """The log's `control`: close the provider request now (a stop, the grace over), which
+        wakes the relay; it then ends the log with `done` `cancelled`."""
+        if self.upstream is not None:
+            self.upstream.abort()
+        elif not self.opening.done():
+            self.opening.cancel()
+        elif not self.opening.cancelled() and self.opening.exception() is None:
+            self.opening.result().abort()
+
+    def _reader_gone(self, _future: object = None) -> None:
+        """The original reader has gone (disconnected, or a send to it failed): from now on the
+        generation only appends to the log."""
+        if self.attached:
+            self.attached = False
+            self.fields["client_gone"] = True
+            if self.log is not None:
+                self.log.reader_left()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         global _open_streams  # a per-process gauge, read by /api/health
@@ -238,34 +285,49 @@ class EventStream:
         fields = self.fields
         stream: ProviderStream | None = None
         enc = SseEncoder()
+        self.log = self.streams.open(self.chat_id, self.owner, self._cancel_generation)
+        gone = self.gone
+        if gone.done():
+            self._reader_gone()
+        else:
+            gone.add_done_callback(self._reader_gone)
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-            stream = await self._relay(send, self.gone, enc)
-        except (OSError, RuntimeError):
-            # Sending to a client that has gone: nothing more to say to it.
-            fields["client_gone"] = True
+            if self.attached:
+                try:
+                    await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+                except (OSError, RuntimeError):
+                    self._reader_gone()
+            stream = await self._relay(send, enc)
         except PanicException as exc:
-            # A bug in the extension mid-stream (a BaseException): logged once, and the reader
-            # still gets its terminal event.
+            # A bug in the extension mid-stream (a BaseException): logged once, and the readers
+            # still get their terminal event.
             err = as_api_error(exc, scope)
             fields["error"] = err.code
             event = enc.event("error", error_body(err.code, err.message, self.request_id))
-            with contextlib.suppress(OSError, RuntimeError):
-                await send({"type": "http.response.body", "body": event, "more_body": False})
+            if not self.log.ended:
+                self.log.append(event, enc.next_id - 1, True)
+            if self.attached:
+                with contextlib.suppress(OSError, RuntimeError):
+                    await send({"type": "http.response.body", "body": event, "more_body": False})
         finally:
             _open_streams -= 1
             METRICS.stream_closed()
+            gone.remove_done_callback(self._reader_gone)
+            gone.cancel()
+            log_ = self.log
+            if not log_.ended:  # cancelled from outside (the server going away): end it anyway
+                log_.append(b"", enc.next_id - 1, True)
             # A stream the provider finished is `done` even if its last send found the reader gone.
             if "error" in fields:
                 METRICS.stream_ended("error")
+            elif log_.stop_reason in _OUTCOMES:
+                METRICS.stream_ended(_OUTCOMES[log_.stop_reason])
             elif "finish_reason" in fields:
                 METRICS.stream_ended("done")
             else:
                 METRICS.stream_ended("cancelled")
-            self.gone.cancel()
             if not self.opening.done():
                 abandon(self.opening)  # still waiting for the head
-                fields["client_gone"] = True
             elif stream is None and not self.opening.cancelled() and self.opening.exception() is None:
                 stream = self.opening.result()
             if stream is not None:
@@ -273,18 +335,31 @@ class EventStream:
                     _usage(stream, fields)
                 await stream.aclose()
 
-    async def _relay(self, send: Any, gone: asyncio.Future[Any], enc: SseEncoder) -> ProviderStream | None:
+    async def _relay(self, send: Any, enc: SseEncoder) -> ProviderStream | None:
         """Frames go out as soon as nothing more is at hand: what arrives together (the start
         event and the first deltas, the last deltas and `done`) leaves in one send, and nothing is
-        held back while waiting for the provider. Returns the stream for closing."""
+        held back while waiting for the provider. Each send is first appended to the stream's log.
+        Returns the stream for closing."""
         loop = asyncio.get_running_loop()
         fields = self.fields
+        log_ = self.log
+        assert log_ is not None
+        gone = self.gone
         pending = [enc.event("start", _encode(StartEvent(self.chat_id, self.provider, self.model)))]
 
         async def flush(more: bool) -> None:
-            await send({"type": "http.response.body", "body": b"".join(pending), "more_body": more})
-            fields["events"] = enc.next_id
+            body = b"".join(pending)
             pending.clear()
+            n = enc.next_id
+            if n != self.logged or not more:
+                log_.append(body, n - 1, not more)
+                self.logged = n
+            fields["events"] = n
+            if self.attached:
+                try:
+                    await send({"type": "http.response.body", "body": body, "more_body": more})
+                except (OSError, RuntimeError):  # sending to a reader that has gone
+                    self._reader_gone()
 
         # The head: committed already, so wait on with heartbeats (the task bounds the whole wait).
         last_sent = loop.time()
@@ -293,27 +368,26 @@ class EventStream:
             last_sent = loop.time()
             waits = (self.opening, gone) if DRAIN.ending is None else (self.opening, gone, DRAIN.ending)
             await asyncio.wait(waits, timeout=self.heartbeat_s, return_when="FIRST_COMPLETED")
-            if gone.done():
-                fields["client_gone"] = True
-                return None
             if DRAIN.over and not self.opening.done():
                 self.opening.cancel()  # the provider request goes with it
                 await asyncio.wait((self.opening,))
                 return await self._fail(ShuttingDown(), enc, pending, flush)
-            if not self.opening.done():
+            if not self.opening.done() and self.attached and not gone.done():
                 pending.append(PING)
+        if self.opening.cancelled():  # a stop, or the grace over, while waiting for the head
+            return await self._cancelled(None, enc, pending, flush)
         error = self.opening.exception()
         if error is not None:
             return await self._fail(error, enc, pending, flush)
-        stream = self.opening.result()
-        closer = _Closer(stream)  # the client leaving closes the upstream, waking a pending read
-        gone.add_done_callback(closer)
+        stream = self.upstream = self.opening.result()
         alarm = _Alarm(loop, stream)
         _pulling.add(stream)
         if DRAIN.over:  # the grace ended while this stream was being prepared
             stream.abort()
         try:
-            return await self._pull(stream, alarm, enc, pending, flush, gone, last_sent)
+            if log_.stop_reason is not None:
+                return await self._cancelled(stream, enc, pending, flush)
+            return await self._pull(stream, alarm, enc, pending, flush, last_sent)
         finally:
             _pulling.discard(stream)
             alarm.cancel()
@@ -325,7 +399,6 @@ class EventStream:
         enc: SseEncoder,
         pending: list[bytes],
         flush: Any,
-        gone: asyncio.Future[Any],
         last_sent: float,
     ) -> ProviderStream:
         """The body of the stream: deltas as they arrive, pings while the provider is silent, the
@@ -350,14 +423,9 @@ class EventStream:
                 pending.append(enc.event("done", _encode(DoneEvent(stream.finish_reason, usage))))
                 await flush(False)
                 return stream
-            if not stream.failed:  # a failure is known already: no need to send before saying so
-                if pending:
-                    await flush(True)
-                    last_sent = loop.time()
-                if gone.done():
-                    fields["client_gone"] = True
-                    stream.abort()
-                    return stream
+            if not stream.failed and pending:  # a failure known already: no need to send first
+                await flush(True)
+                last_sent = loop.time()
             try:
                 alarm.set(min(last_sent + self.heartbeat_s, last_chunk + self.gap_s))
                 deltas = await stream.next()
@@ -370,15 +438,34 @@ class EventStream:
                         UpstreamTimeout("The provider stopped sending"), enc, pending, flush, stream
                     )
                 if now >= last_sent + self.heartbeat_s:  # (not an alarm that a send overtook)
-                    pending.append(PING)
+                    if self.attached:
+                        pending.append(PING)
+                    else:
+                        last_sent = now
                 continue
             except ProviderError as err:
-                if gone.done():
-                    fields["client_gone"] = True
-                    return stream
+                if self.log is not None and self.log.stop_reason is not None:
+                    return await self._cancelled(stream, enc, pending, flush)
                 # Past the drain's grace, the failure is `end_streams` closing the upstream.
                 return await self._fail(ShuttingDown() if DRAIN.over else err, enc, pending, flush, stream)
             last_chunk = loop.time()
+
+    async def _cancelled(
+        self, stream: ProviderStream | None, enc: SseEncoder, pending: list[bytes], flush: Any
+    ) -> ProviderStream | None:
+        """The generation was cancelled (a stop, the grace over, the log past its bound): the log
+        ends with `done` and the usage so far, for every reader still there."""
+        reason = self.log.stop_reason if self.log is not None else None
+        finish = "length" if reason == "too_long" else "cancelled"
+        if stream is not None:
+            stream.abort()
+            usage = _usage(stream, self.fields)
+        else:
+            usage = Usage(0, 0)
+        self.fields.update(finish_reason=finish, stop_reason=reason)
+        pending.append(enc.event("done", _encode(DoneEvent(finish, usage))))
+        await flush(False)
+        return stream
 
     async def _fail(
         self, err: BaseException, enc: SseEncoder, pending: list[bytes], flush: Any, stream: Any = None

@@ -19,6 +19,7 @@ __all__ = [
     "ModelInfo",
     "ModelsResponse",
     "RateLimitResponse",
+    "StopResponse",
     "Usage",
     "chat_request_document",
     "stream_event_document",
@@ -194,6 +195,8 @@ class RuntimeHealth(msgspec.Struct, frozen=True):
     pid: int
     tasks: int  # asyncio tasks alive: a leak shows here first
     open_streams: int  # /api/chat/stream responses in progress
+    kept_streams: int = 0  # stream logs held for resumes (live ones and ended ones still retained)
+    kept_stream_bytes: int = 0  # the events those hold
 
 
 class HealthResponse(msgspec.Struct, frozen=True):
@@ -220,6 +223,13 @@ class RateLimitResponse(msgspec.Struct, frozen=True):
     limits: WindowCounts
     remaining: WindowCounts
     reset_s: WindowCounts
+
+
+class StopResponse(msgspec.Struct, frozen=True):
+    """`POST /api/chat/stream/{id}/stop`: true when the stream was running (it is ended now with
+    `done`, `finish_reason: "cancelled"`), false when it had already ended."""
+
+    stopped: bool
 
 
 # Stream event payloads (what follows `data:` in each event).

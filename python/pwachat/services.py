@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pwachat.providers import Providers
 from pwachat.ratelimit import RateLimitBackend
 from pwachat.settings import Settings
+from pwachat.streams import Streams
 
 __all__ = ["Services"]
 
@@ -18,3 +19,4 @@ class Services:
     limiter: RateLimitBackend
     policy: str  # the RateLimit-Policy header, the same for every caller
     tokens: tuple[bytes, ...]  # accepted bearer tokens, encoded once
+    streams: Streams  # this process's resumable streams

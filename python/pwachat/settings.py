@@ -172,6 +172,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: On SIGTERM, how long running streams may go on before they are ended with `shutting_down`
     #: (Granian's worker kill timeout is a little longer; compose's stop_grace_period longer still).
     shutdown_grace_s: float = 25.0
+    #: Resumable streams (pwachat/streams.py): how long a stream nobody reads any more goes on
+    #: being generated, waiting for a resume (0: cancelled at once); how long its events stay
+    #: readable after its end; and the most memory one worker keeps for ended streams' events
+    #: (past it, the oldest ended streams are forgotten first).
+    stream_grace_s: float = 20.0
+    stream_retain_s: float = 120.0
+    stream_memory_mb: int = 256
     #: How many requests one worker serves at once, held streams included (Granian's backpressure);
     #: past it, connections wait in the listen backlog.
     max_concurrency: int = 4096
@@ -316,6 +323,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             provider_breaker_s=r.float("PROVIDER_BREAKER_S", 30.0, lo=0.001, hi=86400),
             request_body_timeout_s=r.float("REQUEST_BODY_TIMEOUT_S", 10.0, lo=0.001),
             shutdown_grace_s=r.float("SHUTDOWN_GRACE_S", 25.0, lo=0, hi=3600),
+            stream_grace_s=r.float("STREAM_GRACE_S", 20.0, lo=0, hi=3600),
+            stream_retain_s=r.float("STREAM_RETAIN_S", 120.0, lo=0, hi=86400),
+            stream_memory_mb=r.int("STREAM_MEMORY_MB", 256, lo=1, hi=1_000_000),
             max_concurrency=r.int("MAX_CONCURRENCY", 4096, lo=1, hi=1_000_000),
             metrics_token=r.raw("METRICS_TOKEN") or "",
             log_level=r.choice("LOG_LEVEL", LOG_LEVELS, "INFO", upper=True) or "INFO",

@@ -9,6 +9,7 @@ from pwachat.routes.chat import chat_routes
 from pwachat.routes.health import health, live, ready
 from pwachat.routes.models import models
 from pwachat.routes.ratelimit import rate_limit
+from pwachat.routes.streams import resume_stream, stop_stream
 from pwachat.settings import Settings
 
 __all__ = ["BEARER_SCHEMES", "api_router"]
@@ -22,7 +23,7 @@ def api_router(settings: Settings) -> Router:
     # set (`auth.authorize`), which the document says with a security requirement on them.
     guarded = Router(
         path="/",
-        route_handlers=[models, *chat_routes(settings), rate_limit],
+        route_handlers=[models, *chat_routes(settings), resume_stream, stop_stream, rate_limit],
         security=[{"bearer": []}] if settings.api_tokens else None,
     )
     return Router(path="/api", route_handlers=[health, live, ready, guarded])

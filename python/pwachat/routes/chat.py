@@ -58,7 +58,7 @@ from pwachat.providers import (
     fallback_worthy,
 )
 from pwachat.ratelimit import caller_key, rate_limit_headers, refusal
-from pwachat.relay import NO_ANSWER, EventStream, abandon, open_upstream, reader_gone
+from pwachat.relay import NO_ANSWER, STREAM_HEADERS, EventStream, abandon, open_upstream, reader_gone
 from pwachat.schemas import ChatRequest, ChatResponse, Usage, chat_request_document, stream_event_document
 from pwachat.services import Services
 from pwachat.settings import Settings
@@ -69,11 +69,6 @@ _decode_request = msgspec.json.Decoder(ChatRequest).decode
 _encode = msgspec.json.Encoder().encode
 JSON_TYPE = (b"content-type", b"application/json")
 RawApp = Callable[[Any, Any, Any], Awaitable[None]]
-STREAM_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
 
 
 @dataclass(slots=True)
@@ -83,6 +78,7 @@ class Prepared:
     chat: ChatInput
     headers: list[tuple[bytes, bytes]]  # the rate-limit headers every later answer carries
     log: dict[str, Any]
+    caller: str  # `ratelimit.caller_key`: whose quota, and whose stream
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -212,7 +208,8 @@ async def prepare(scope: Any, receive: Any, svc: Services) -> Prepared:
     name, model = svc.providers.resolve(req.provider, req.model)
     fields.update(provider=name, model=model)
 
-    decision = await svc.limiter.hit(caller_key(client_ip(scope), token))
+    caller = caller_key(client_ip(scope), token)
+    decision = await svc.limiter.hit(caller)
     # Redis decided if it is still up after the hit (a failed round trip leaves it down: local).
     METRICS.ratelimit(decision.allowed, "redis" if getattr(svc.limiter, "up", False) else "local")
     if not decision.allowed:
@@ -230,7 +227,7 @@ async def prepare(scope: Any, receive: Any, svc: Services) -> Prepared:
         max_tokens=settings.max_tokens if req.max_tokens is None else req.max_tokens,
     )
     fields["model"] = chat.model
-    return Prepared("chat_" + os.urandom(12).hex(), provider, chat, headers, fields)
+    return Prepared("chat_" + os.urandom(12).hex(), provider, chat, headers, fields, caller)
 
 
 _SANITIZE_REASONS = {
@@ -407,6 +404,8 @@ async def answer_stream(scope: Any, receive: Any, svc: Services) -> RawApp:
         gap_s=settings.upstream_timeout_s,
         gone=gone,
         started=started,
+        streams=svc.streams,
+        owner=p.caller,
     )
 
 

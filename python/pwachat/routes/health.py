@@ -43,7 +43,13 @@ async def health(state: State) -> HealthResponse:
         environment=settings.app_env,
         providers=providers,
         rate_limit=RateLimitHealth(backend=svc.limiter.name, redis=redis),
-        runtime=RuntimeHealth(pid=os.getpid(), tasks=len(asyncio.all_tasks()), open_streams=open_streams()),
+        runtime=RuntimeHealth(
+            pid=os.getpid(),
+            tasks=len(asyncio.all_tasks()),
+            open_streams=open_streams(),
+            kept_streams=len(svc.streams.logs),
+            kept_stream_bytes=svc.streams.kept_bytes(),
+        ),
     )
 
 

@@ -1,0 +1,349 @@
+"""Resumable streams across workers and instances: each stream's log mirrored to a Redis Stream.
+
+Layout: the stream `pwachat:st:{<chat id>}`, one entry per flush of the generation, whose id is
+`1-<id of the flush's last event>` (the event id as the entry's sequence: a resume after event N
+reads from `1-<N+1>`), with fields `b` (the framed bytes, exactly as they went out), `f` (the id of
+the flush's first event), on the first entry `o` (the owner: a digest of the caller key) and on
+the terminal one `t`. `XADD ... MAXLEN ~` bounds it; its TTL is set with the first entry,
+refreshed while the stream runs, and set to `STREAM_RETAIN_S` at the end. A reader on another
+instance holds `pwachat:st:{<chat id>}:r` (a short TTL, refreshed) so that the generating
+instance's grace does not expire under it. Stops go over pub/sub (`pwachat:st:stop`): every worker
+subscribes, and the one generating the stream cancels it at once.
+
+Writes never hold the generation up: `append` only queues a packed `XADD`; one writer task per
+process sends everything queued in one write (a pipeline over all the streams that flushed
+meanwhile) and reads the replies, while the next batch queues up. A failed or slow batch marks
+Redis down for streams (logged once): the streams it carried, and any that flush while it is down,
+are no longer mirrored (only their cross-instance resume is lost: the original reader, and resumes
+on the generating worker, go on from the local log); a probe brings mirroring back for new streams.
+
+Redis Cluster: not mirrored yet (streams stay in their worker, as with `memory://`); see the README.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from pwachat._native import sse_comment
+from pwachat.redis_limiter import _connection_options
+from pwachat.relay import STREAM_HEADERS
+from pwachat.streams import StreamLog, Streams, cut_after, until_disconnect
+
+__all__ = ["RedisStreams"]
+
+log = logging.getLogger("pwachat.streams")
+
+PREFIX = b"pwachat:st:"
+STOP_CHANNEL = "pwachat:st:stop"
+#: The longest a batch of writes may take before Redis counts as down for streams.
+WRITE_TIMEOUT_S = 1.0
+#: The longest a resume or a stop waits on Redis to find a stream.
+LOOKUP_TIMEOUT_S = 0.5
+RECONNECT_INTERVAL_S = 0.5
+PING = sse_comment("ping")
+
+
+def _pack(*parts: bytes) -> bytes:
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+def _owner(caller: str) -> bytes:
+    return hashlib.sha256(caller.encode()).hexdigest()[:32].encode()
+
+
+def _key(chat_id: str) -> bytes:
+    return PREFIX + b"{" + chat_id.encode() + b"}"
+
+
+class RedisStreams:
+    """The mirror (see `pwachat/streams.py: Mirror`) and the lookups of other processes' streams."""
+
+    def __init__(self, settings: Any) -> None:
+        self.redis = Redis.from_url(settings.redis_url, **_connection_options())
+        self.retain_s = max(1, round(settings.stream_retain_s))
+        # While a stream runs: long enough for its slowest honest life between two refreshes.
+        self.live_ttl = int(self.retain_s + max(60.0, 2 * settings.upstream_timeout_s))
+        self.refresh_s = self.live_ttl / 4
+        self.gap_s = settings.upstream_timeout_s + 2 * settings.sse_heartbeat_s
+        self.maxlen = b"%d" % (2 * settings.max_tokens + 64)
+        self.lease_s = max(2, round(2 * settings.sse_heartbeat_s))
+        self.up = True
+        self.streams: Streams | None = None
+        self._queue: list[bytes] = []
+        self._carried: list[StreamLog | None] = []  # per queued command: whose XADD (None: EXPIRE)
+        self._writer: asyncio.Task[None] | None = None
+        self._writer_conn: Any = None
+        self._refreshed: dict[str, float] = {}  # live stream -> loop time of its last EXPIRE
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    async def start(self, streams: Streams) -> None:
+        self.streams = streams
+        self._spawn(self._subscribe())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the generation's side ---------------------------------------------------------------------
+    def append(self, stream: StreamLog, chunk: bytes, last_id: int, terminal: bool) -> None:
+        if not self.up:
+            stream.mirrored = False
+            self._refreshed.pop(stream.chat_id, None)
+            return
+        key = _key(stream.chat_id)
+        first = stream.last_ids[-2] + 1 if len(stream.last_ids) > 1 else 0
+        parts = [
+            b"XADD",
+            key,
+            b"MAXLEN",
+            b"~",
+            self.maxlen,
+            b"1-%d" % last_id,
+            b"b",
+            chunk,
+            b"f",
+            b"%d" % first,
+        ]
+        if first == 0:
+            parts += (b"o", _owner(stream.owner))
+        if terminal:
+            parts += (b"t", b"1")
+        self._queue.append(_pack(*parts))
+        self._carried.append(stream)
+        now = asyncio.get_running_loop().time()
+        if terminal:
+            self._refreshed.pop(stream.chat_id, None)
+            self._queue.append(_pack(b"EXPIRE", key, b"%d" % self.retain_s))
+            self._carried.append(None)
+        elif first == 0 or now - self._refreshed.get(stream.chat_id, now) >= self.refresh_s:
+            self._refreshed[stream.chat_id] = now
+            self._queue.append(_pack(b"EXPIRE", key, b"%d" % self.live_ttl))
+            self._carried.append(None)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        """Everything queued, in one write per batch, until the queue is empty."""
+        try:
+            while self._queue and not self._closing:
+                batch, carried = self._queue, self._carried
+                self._queue, self._carried = [], []
+                try:
+                    async with asyncio.timeout(WRITE_TIMEOUT_S):
+                        replies = await self._send(batch)
+                except (RedisError, OSError, TimeoutError) as err:
+                    self._lost(carried, f"Redis unavailable for streams ({type(err).__name__})")
+                    return
+                for reply, stream in zip(replies, carried, strict=True):
+                    # An id already there is a write that went through before (harmless); any
+                    # other refusal (out of memory, a read-only replica) loses that stream's log.
+                    if (
+                        isinstance(reply, ResponseError)
+                        and stream is not None
+                        and "equal or smaller" not in str(reply)
+                    ):
+                        stream.mirrored = False
+        finally:
+            self._writer = None
+
+    async def _send(self, batch: list[bytes]) -> list[Any]:
+        conn = self._writer_conn
+        if conn is None:
+            conn = self._writer_conn = self.redis.connection_pool.make_connection()
+        try:
+            await conn.connect()
+            await conn.send_packed_command(b"".join(batch), check_health=False)
+            replies = []
+            for _ in batch:
+                try:
+                    replies.append(await conn.read_response(disable_decoding=True))
+                except ResponseError as err:
+                    replies.append(err)
+            return replies
+        except BaseException:
+            self._writer_conn = None
+            await conn.disconnect(nowait=True)
+            raise
+
+    def _lost(self, carried: list[StreamLog | None], why: str) -> None:
+        for stream in carried:
+            if stream is not None:
+                stream.mirrored = False
+        for stream in self._carried:
+            if stream is not None:
+                stream.mirrored = False
+        self._queue, self._carried = [], []
+        if self.up:
+            self.up = False
+            log.warning("%s; streams are resumable on their own worker only until it is back", why)
+            self._spawn(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(RECONNECT_INTERVAL_S)
+            try:
+                async with asyncio.timeout(LOOKUP_TIMEOUT_S):
+                    await self.redis.ping()
+            except (RedisError, OSError, TimeoutError):
+                continue
+            self.up = True
+            log.info("Redis is back for streams: new streams are resumable on every instance again")
+            return
+
+    async def has_remote_readers(self, chat_id: str) -> bool:
+        async with asyncio.timeout(LOOKUP_TIMEOUT_S):
+            return bool(await self.redis.exists(_key(chat_id) + b":r"))
+
+    # -- stops -------------------------------------------------------------------------------------
+    async def _subscribe(self) -> None:
+        """Every stop published, for the streams this process generates."""
+        while not self._closing:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(STOP_CHANNEL)
+                while not self._closing:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and self.streams is not None:
+                        self.streams.stop_local(message["data"].decode("ascii", "replace"))
+            except (RedisError, OSError):
+                await asyncio.sleep(RECONNECT_INTERVAL_S)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _head_and_tail(self, chat_id: str, owner: str) -> tuple[bytes, list[Any]] | None:
+        """The stream's key and its last entry, if the caller's; None if no such stream of its."""
+        key = _key(chat_id)
+        try:
+            async with asyncio.timeout(LOOKUP_TIMEOUT_S):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.xrange(key, count=1)
+                    pipe.xrevrange(key, count=1)
+                    head, tail = await pipe.execute()
+        except (RedisError, OSError, TimeoutError):
+            return None
+        if not head or head[0][1].get(b"o") != _owner(owner):
+            return None
+        return key, tail
+
+    async def stop(self, chat_id: str, owner: str) -> bool | None:
+        """A stop for a stream another process generates: None if there is no such stream of the
+        caller's, False if it has ended, else True once the stop is published."""
+        found = await self._head_and_tail(chat_id, owner)
+        if found is None:
+            return None
+        _, tail = found
+        if tail and b"t" in tail[0][1]:
+            return False
+        try:
+            async with asyncio.timeout(LOOKUP_TIMEOUT_S):
+                await self.redis.publish(STOP_CHANNEL, chat_id)
+        except (RedisError, OSError, TimeoutError):
+            return None
+        return True
+
+    async def open_follow(
+        self, chat_id: str, owner: str, after: int, heartbeat_s: float
+    ) -> RemoteResume | None:
+        found = await self._head_and_tail(chat_id, owner)
+        if found is None:
+            return None
+        key, tail = found
+        last_id = int(tail[0][0].split(b"-")[1]) if tail else -1
+        ended = bool(tail) and b"t" in tail[0][1]
+        return RemoteResume(self, key, after, heartbeat_s, nothing_left=ended and after >= last_id)
+
+    async def aclose(self) -> None:
+        self._closing = True
+        for task in tuple(self._tasks):
+            task.cancel()
+        if self._writer is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(self._writer), WRITE_TIMEOUT_S)
+        if self._writer_conn is not None:
+            await self._writer_conn.disconnect()
+        await self.redis.aclose()
+
+
+class RemoteResume:
+    """A resume of a stream generated elsewhere: its entries after the reader's last event
+    (`XRANGE`), then new ones as they come (`XREAD BLOCK`, a connection of its own), pings while
+    none do. A Redis failure, or a stream silent longer than its generation could be (its
+    generator gone), ends the response without a terminal event: the client resumes again."""
+
+    __slots__ = ("after", "heartbeat_s", "key", "mirror", "nothing_left")
+
+    def __init__(
+        self, mirror: RedisStreams, key: bytes, after: int, heartbeat_s: float, nothing_left: bool
+    ) -> None:
+        self.mirror = mirror
+        self.key = key
+        self.after = after
+        self.heartbeat_s = heartbeat_s
+        self.nothing_left = nothing_left
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        gone = until_disconnect(receive)
+        mirror = self.mirror
+        loop = asyncio.get_running_loop()
+        conn = mirror.redis.connection_pool.make_connection()
+        lease = self.key + b":r"
+        lease_at = -1e9
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
+            await conn.connect()
+            cursor = b"1-%d" % (self.after + 1)
+            command = (b"XRANGE", self.key, cursor, b"+")
+            last_entry = loop.time()
+            while not gone.done():
+                if loop.time() - lease_at > mirror.lease_s / 2:
+                    await conn.send_packed_command(_pack(b"SET", lease, b"1", b"EX", b"%d" % mirror.lease_s))
+                    await conn.read_response()
+                    lease_at = loop.time()
+                await conn.send_packed_command(_pack(*command), check_health=False)
+                reading = asyncio.ensure_future(conn.read_response(disable_decoding=True))
+                await asyncio.wait((reading, gone), return_when="FIRST_COMPLETED")
+                if gone.done():
+                    reading.cancel()
+                    break
+                reply = reading.result()
+                entries = (reply[0][1] if reply else []) if command[0] == b"XREAD" else reply
+                body = []
+                terminal = False
+                for entry_id, flat in entries:
+                    f = dict(zip(flat[::2], flat[1::2], strict=True))
+                    chunk = f[b"b"]
+                    if int(f[b"f"]) <= self.after:
+                        chunk = cut_after(chunk, self.after)
+                    body.append(chunk)
+                    terminal = terminal or b"t" in f
+                    cursor = entry_id
+                if body:
+                    last_entry = loop.time()
+                    self.after = int(cursor.split(b"-")[1])
+                elif command[0] == b"XREAD":
+                    if loop.time() - last_entry > mirror.gap_s:
+                        break  # its generator is gone: the client may try again
+                    body.append(PING)
+                await send({"type": "http.response.body", "body": b"".join(body), "more_body": not terminal})
+                if terminal:
+                    return
+                block = b"%d" % int(self.heartbeat_s * 1000)
+                command = (b"XREAD", b"COUNT", b"512", b"BLOCK", block, b"STREAMS", self.key, cursor)
+            with contextlib.suppress(OSError, RuntimeError):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except (RedisError, OSError, RuntimeError):
+            with contextlib.suppress(OSError, RuntimeError):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            gone.cancel()
+            await conn.disconnect(nowait=True)

@@ -1,0 +1,320 @@
+"""Resumable streams (contract, "Resumable streams"): each committed stream's log, and its readers.
+
+The relay (`pwachat/relay.py`) is the generation: it pulls the provider stream and appends every
+flush, the framed bytes exactly as they go out, to the stream's `StreamLog`; the original POST is
+served from those same bytes in the same task (no hand-off: its path costs two list appends per
+flush). Any other reader (a resume, `GET /api/chat/stream/{id}`) follows the log: what is there
+after its `Last-Event-ID`, then each flush as it is appended, then the terminal event.
+
+Who decides what (one owner per rule):
+- `StreamLog.reader_left`: the last reader gone without a stop starts the grace
+  (`STREAM_GRACE_S`); when it runs out with nobody back, the generation is cancelled
+  (`grace_expired`). With a grace of 0 it is cancelled at once, as before resumable streams.
+- `StreamLog.stop`: an explicit stop cancels the generation at once.
+- Either way the relay ends the log with `done`, `finish_reason: "cancelled"` and the usage so
+  far, which every reader still attached receives.
+- `Streams`: the per-process registry. An ended stream stays readable for `STREAM_RETAIN_S`, and
+  ended streams' logs take at most `STREAM_MEMORY_MB` per worker (past that, the oldest ended
+  ones are forgotten first: a resume of one answers 404 like an expired one). A live stream's log
+  is bounded by what `MAX_TOKENS` can produce (`max_log_bytes`): a provider sending more is
+  ended with `finish_reason: "length"`.
+- With `REDIS_URL`, every flush is mirrored to Redis (`pwachat/redis_streams.py`), so that a
+  resume or a stop reaching another worker or instance works too; the local log stays the
+  first place looked at, and the original reader never waits on Redis.
+
+A stream belongs to its caller (`ratelimit.caller_key`: the bearer token's digest, or the client
+address): another caller's id is answered as unknown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import hmac
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from pwachat._native import sse_comment
+
+__all__ = [
+    "MAX_READERS",
+    "Mirror",
+    "StreamLog",
+    "Streams",
+    "create_mirror",
+    "follow",
+    "until_disconnect",
+]
+
+log = logging.getLogger("pwachat.streams")
+
+#: Readers one stream may have at once (the original POST included); more answer 429.
+MAX_READERS = 4
+PING = sse_comment("ping")
+_id_line = b"id: %d\n"
+
+
+class Mirror(Protocol):
+    """Where a stream's log is copied for other processes (Redis); see `pwachat/redis_streams.py`."""
+
+    def append(self, stream: StreamLog, chunk: bytes, last_id: int, terminal: bool) -> None: ...
+
+    async def has_remote_readers(self, chat_id: str) -> bool: ...
+
+
+class StreamLog:
+    """One stream's events: `chunks[k]` is the k-th flush (one or more whole events, maybe a
+    `: ping`), `last_ids[k]` the id of its last event; chunk 0 starts at id 0 (`start`)."""
+
+    __slots__ = (
+        "chat_id",
+        "chunks",
+        "control",
+        "ended",
+        "grace_timer",
+        "last_ids",
+        "mirrored",
+        "owner",
+        "readers",
+        "registry",
+        "size",
+        "stop_reason",
+        "waiters",
+    )
+
+    def __init__(self, registry: Streams, chat_id: str, owner: str, control: Callable[[], None]) -> None:
+        self.registry = registry
+        self.chat_id = chat_id
+        self.owner = owner
+        self.control = control  # cancels the generation's provider request (the relay's)
+        self.chunks: list[bytes] = []
+        self.last_ids: list[int] = []
+        self.size = 0
+        self.ended = False
+        self.readers = 1  # the original POST
+        self.waiters: list[asyncio.Future[None]] = []
+        self.stop_reason: str | None = None  # "stopped", "grace_expired", "reader_gone", "too_long"
+        self.grace_timer: asyncio.TimerHandle | None = None
+        self.mirrored = registry.mirror is not None  # false once a write to the mirror was lost
+
+    def append(self, chunk: bytes, last_id: int, terminal: bool) -> None:
+        """One flush of the generation (the relay's): kept, handed to the readers waiting, mirrored."""
+        self.chunks.append(chunk)
+        self.last_ids.append(last_id)
+        self.size += len(chunk)
+        if self.waiters:
+            for waiter in self.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self.waiters.clear()
+        if self.mirrored:
+            self.registry.mirror.append(self, chunk, last_id, terminal)  # type: ignore[union-attr]
+        if terminal:
+            self.ended = True
+            if self.grace_timer is not None:
+                self.grace_timer.cancel()
+                self.grace_timer = None
+            self.registry.ended(self)
+        elif self.size > self.registry.max_log_bytes:
+            self.end_generation("too_long")
+
+    def end_generation(self, reason: str) -> None:
+        """Cancel the provider request; the relay then ends the log (see `stop_reason`)."""
+        if self.stop_reason is None and not self.ended:
+            self.stop_reason = reason
+            self.control()
+
+    def stop(self) -> bool:
+        """`POST .../stop`: true when the stream was still running."""
+        if self.ended:
+            return False
+        self.end_generation("stopped")
+        return True
+
+    def reader_came(self) -> None:
+        self.readers += 1
+        if self.grace_timer is not None:
+            self.grace_timer.cancel()
+            self.grace_timer = None
+
+    def reader_left(self) -> None:
+        self.readers -= 1
+        if self.readers > 0 or self.ended:
+            return
+        grace_s = self.registry.grace_s
+        if grace_s <= 0:
+            self.end_generation("reader_gone")
+        elif self.grace_timer is None:
+            self.grace_timer = asyncio.get_running_loop().call_later(grace_s, self._grace_over)
+
+    def _grace_over(self) -> None:
+        self.grace_timer = None
+        if self.readers > 0 or self.ended:
+            return
+        if self.mirrored:  # a reader on another worker or instance keeps it going
+            asyncio.get_running_loop().create_task(self._grace_over_remote())
+        else:
+            self.end_generation("grace_expired")
+
+    async def _grace_over_remote(self) -> None:
+        mirror = self.registry.mirror
+        assert mirror is not None
+        try:
+            remote = await mirror.has_remote_readers(self.chat_id)
+        except Exception:  # Redis gone: nobody can be reading through it
+            remote = False
+        if self.readers > 0 or self.ended:
+            return
+        if remote:
+            self.grace_timer = asyncio.get_running_loop().call_later(self.registry.grace_s, self._grace_over)
+        else:
+            self.end_generation("grace_expired")
+
+    def after(self, last_event_id: int) -> tuple[int, bytes]:
+        """Where a reader that has seen `last_event_id` goes on: the index of the next chunk to
+        send, and the part of the one before it that it has not seen (b"" when none)."""
+        k = bisect.bisect_right(self.last_ids, last_event_id)
+        if k >= len(self.chunks):
+            return k, b""
+        first = self.last_ids[k - 1] + 1 if k else 0
+        if first > last_event_id:
+            return k, b""
+        return k + 1, cut_after(self.chunks[k], last_event_id)
+
+
+def cut_after(chunk: bytes, last_event_id: int) -> bytes:
+    """The events of `chunk` after `last_event_id` (which `chunk` holds): each event starts with
+    its `id:` line, which only an event's first line can be (`data` never holds a raw newline)."""
+    marker = _id_line % (last_event_id + 1)
+    if chunk.startswith(marker):
+        return chunk
+    at = chunk.find(b"\n" + marker)
+    return chunk[at + 1 :] if at >= 0 else b""
+
+
+class Streams:
+    """This process's streams: live ones, and ended ones while they are retained."""
+
+    def __init__(self, settings: Any, mirror: Any = None) -> None:
+        self.grace_s = settings.stream_grace_s
+        self.retain_s = settings.stream_retain_s
+        self.memory_cap = settings.stream_memory_mb * 1024 * 1024
+        # What MAX_TOKENS can produce: a token is a few bytes of text, framed as a delta event of
+        # about 40 bytes; 64 per token leaves room for long tokens and escapes.
+        self.max_log_bytes = 64 * settings.max_tokens + 64 * 1024
+        self.mirror = mirror
+        self.logs: dict[str, StreamLog] = {}
+        self._retained: collections.deque[tuple[float, StreamLog]] = collections.deque()
+        self.retained_bytes = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def open(self, chat_id: str, owner: str, control: Callable[[], None]) -> StreamLog:
+        stream = StreamLog(self, chat_id, owner, control)
+        self.logs[chat_id] = stream
+        return stream
+
+    def ended(self, stream: StreamLog) -> None:
+        loop = asyncio.get_running_loop()
+        self._retained.append((loop.time() + self.retain_s, stream))
+        self.retained_bytes += stream.size
+        self.sweep()
+        if self._sweeper is None and self._retained:
+            self._sweeper = loop.call_at(self._retained[0][0], self._sweep_timer)
+
+    def _sweep_timer(self) -> None:
+        self._sweeper = None
+        self.sweep()
+        if self._retained:
+            self._sweeper = asyncio.get_running_loop().call_at(self._retained[0][0], self._sweep_timer)
+
+    def sweep(self) -> None:
+        """Forget the ended streams past their retention, and the oldest past the memory cap."""
+        retained = self._retained
+        if not retained:
+            return
+        now = asyncio.get_running_loop().time()
+        while retained and (retained[0][0] <= now or self.retained_bytes > self.memory_cap):
+            _, stream = retained.popleft()
+            self.retained_bytes -= stream.size
+            if self.logs.get(stream.chat_id) is stream:
+                del self.logs[stream.chat_id]
+
+    def get(self, chat_id: str, owner: str) -> StreamLog | None:
+        """The caller's stream, if this process has it (another caller's is no stream)."""
+        self.sweep()
+        stream = self.logs.get(chat_id)
+        if stream is None or not hmac.compare_digest(stream.owner, owner):
+            return None
+        return stream
+
+    def stop_local(self, chat_id: str) -> None:
+        """A stop that reached another process (through the mirror) for a stream this one runs."""
+        stream = self.logs.get(chat_id)
+        if stream is not None:
+            stream.stop()
+
+    def kept_bytes(self) -> int:
+        """The events held now (for /api/health's runtime block: a leak shows here)."""
+        self.sweep()
+        return sum(s.size for s in self.logs.values())
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+
+def create_mirror(settings: Any) -> Any:
+    """The Redis mirror when `REDIS_URL` names a Redis, else None (`memory://`)."""
+    if settings.redis_url.startswith("memory://"):
+        return None
+    from pwachat.redis_streams import RedisStreams  # redis-py only when used
+
+    return RedisStreams(settings)
+
+
+def until_disconnect(receive: Any) -> asyncio.Future[Any]:
+    """A future done when the client of a request without a body disconnects."""
+
+    async def wait() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    return asyncio.ensure_future(wait())
+
+
+async def follow(
+    stream: StreamLog,
+    last_event_id: int,
+    send: Any,
+    gone: asyncio.Future[Any],
+    heartbeat_s: float,
+) -> None:
+    """A resuming reader of a local stream, from after `last_event_id` to the terminal event: what
+    is in the log at once (one send), then each flush as it comes, `: ping` while nothing does.
+    The response head has been sent."""
+    loop = asyncio.get_running_loop()
+    k, head = stream.after(last_event_id)
+    chunks = stream.chunks
+    pending = [head] if head else []
+    while True:
+        if k < len(chunks):
+            pending.extend(chunks[k:])
+            k = len(chunks)
+        if stream.ended and k >= len(chunks):
+            await send({"type": "http.response.body", "body": b"".join(pending), "more_body": False})
+            return
+        if pending:
+            await send({"type": "http.response.body", "body": b"".join(pending), "more_body": True})
+            pending = []
+        waiter: asyncio.Future[None] = loop.create_future()
+        stream.waiters.append(waiter)
+        await asyncio.wait((waiter, gone), timeout=heartbeat_s, return_when="FIRST_COMPLETED")
+        if gone.done():
+            return
+        if not waiter.done():
+            waiter.cancel()
+            if k >= len(chunks) and not stream.ended:
+                pending.append(PING)
