@@ -28,7 +28,7 @@ import hashlib
 import logging
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError, ResponseError
 
 from pwachat._native import sse_comment
@@ -47,6 +47,9 @@ WRITE_TIMEOUT_S = 1.0
 #: The longest a resume or a stop waits on Redis to find a stream.
 LOOKUP_TIMEOUT_S = 0.5
 RECONNECT_INTERVAL_S = 0.5
+#: Connections for lookups, per process (the writer, the subscriber and each remote reader have
+#: their own besides).
+MAX_CONNECTIONS = 8
 PING = sse_comment("ping")
 
 
@@ -66,7 +69,15 @@ class RedisStreams:
     """The mirror (see `pwachat/streams.py: Mirror`) and the lookups of other processes' streams."""
 
     def __init__(self, settings: Any) -> None:
-        self.redis = Redis.from_url(settings.redis_url, **_connection_options())
+        # Lookups (a resume, a stop, the grace's check for remote readers) share a few connections:
+        # 200 graces ending at once wait their turn instead of opening 200 connections.
+        pool = BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=LOOKUP_TIMEOUT_S,
+            **_connection_options(),
+        )
+        self.redis = Redis(connection_pool=pool)
         self.retain_s = max(1, round(settings.stream_retain_s))
         # While a stream runs: long enough for its slowest honest life between two refreshes.
         self.live_ttl = int(self.retain_s + max(60.0, 2 * settings.upstream_timeout_s))
@@ -274,6 +285,16 @@ class RedisStreams:
         await self.redis.aclose()
 
 
+def _xread_entries(reply: Any) -> list[Any]:
+    """The entries of one stream's `XREAD` reply: a map in RESP3, a list of pairs in RESP2, and
+    nothing at all when the block timed out."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return next(iter(reply.values()))
+    return reply[0][1]
+
+
 class RemoteResume:
     """A resume of a stream generated elsewhere: its entries after the reader's last event
     (`XRANGE`), then new ones as they come (`XREAD BLOCK`, a connection of its own), pings while
@@ -301,8 +322,10 @@ class RemoteResume:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
             await conn.connect()
-            cursor = b"1-%d" % (self.after + 1)
-            command = (b"XRANGE", self.key, cursor, b"+")
+            # XRANGE from the first entry the reader lacks (inclusive), XREAD after the cursor
+            # (exclusive): the entry before that one, or before the first of all.
+            command = (b"XRANGE", self.key, b"1-%d" % (self.after + 1), b"+")
+            cursor = b"1-%d" % self.after if self.after >= 0 else b"0-0"
             last_entry = loop.time()
             while not gone.done():
                 if loop.time() - lease_at > mirror.lease_s / 2:
@@ -316,11 +339,11 @@ class RemoteResume:
                     reading.cancel()
                     break
                 reply = reading.result()
-                entries = (reply[0][1] if reply else []) if command[0] == b"XREAD" else reply
+                entries = _xread_entries(reply) if command[0] == b"XREAD" else reply
                 body = []
                 terminal = False
                 for entry_id, flat in entries:
-                    f = dict(zip(flat[::2], flat[1::2], strict=True))
+                    f = flat if isinstance(flat, dict) else dict(zip(flat[::2], flat[1::2], strict=True))
                     chunk = f[b"b"]
                     if int(f[b"f"]) <= self.after:
                         chunk = cut_after(chunk, self.after)
@@ -342,6 +365,10 @@ class RemoteResume:
             with contextlib.suppress(OSError, RuntimeError):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except (RedisError, OSError, RuntimeError):
+            with contextlib.suppress(OSError, RuntimeError):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except Exception:
+            log.exception("a resume through Redis failed")
             with contextlib.suppress(OSError, RuntimeError):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
