@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from pwachat._native import sse_comment
+from pwachat.settings import split_cluster_url
 
 __all__ = [
     "MAX_READERS",
@@ -267,9 +268,10 @@ class Streams:
 
 
 def create_mirror(settings: Any) -> Any:
-    """The Redis mirror when `REDIS_URL` names a Redis, else None (`memory://`)."""
-    if settings.redis_url.startswith("memory://"):
-        return None
+    """The Redis mirror when `REDIS_URL` names one Redis server, else None (`memory://`, and for now
+    Redis Cluster: streams then live in their worker)."""
+    if settings.redis_url.startswith("memory://") or split_cluster_url(settings.redis_url) is not None:
+        return None  # Redis Cluster: not mirrored yet (see pwachat/redis_streams.py)
     from pwachat.redis_streams import RedisStreams  # redis-py only when used
 
     return RedisStreams(settings)
