@@ -26,11 +26,15 @@ compares those ratios):
 - paced:       real-paced streams, a token every 33 ms, 120 each (4 s), at 1,000 / 2,000 / 4,000 at
                once on one worker: the concurrent figures, plus the same straight to the pacer
 - held:        held streams, a chunk every 250 ms, 24 each (6 s), at 1,000 / 5,000 at once: the same
+- resume:      resumable streams on (default STREAM_GRACE_S) against STREAM_GRACE_S=0, as ratios on/off:
+               stream events/s and CPU per event with memory:// and with Redis (and Redis on against
+               memory:// off), 1,000 paced streams' lateness, 1,000 held streams' peak memory
 
 Bounds: every stream level and wrk run has a deadline; all traffic goes to 127.0.0.1. The default
-run takes about 5 minutes on the 2-core development machine, --quick about 1. The server runs
-with MAX_CONCURRENCY=8192 and the soft fd limit raised to the hard one. This script measures; it
-asserts nothing. Needs `wrk` (Debian package), Linux (taskset, /proc) and the pacer built
+run takes about 6.5 minutes on the 2-core development machine (resume about 1.5 of them), --quick
+about 1. The server runs with MAX_CONCURRENCY=8192 and the soft fd limit raised to the hard one.
+This script measures; it asserts nothing. Needs `wrk` (Debian package), redis-server for redis and
+resume, Linux (taskset, /proc) and the pacer built
 (`cargo build --release --manifest-path benches/pacer/Cargo.toml`: the Makefile's bench targets do).
 """
 
@@ -46,9 +50,9 @@ from pathlib import Path
 
 from loadbench.procs import LOAD_CORE, PACER, ROOT, Fake, Pacer, TlsFiles, raise_fd_limit, server
 from loadbench.results import Results
-from loadbench.scenarios import Run, latency, redis_limits, streams_level, throughput
+from loadbench.scenarios import Run, latency, redis_limits, resume, streams_level, throughput
 
-ALL = "chat,stream,tls,redis,concurrent,latency,paced,held"
+ALL = "chat,stream,tls,redis,concurrent,latency,paced,held,resume"
 QUICK = {"only": "chat,stream,tls,paced", "seconds": 4, "paced_levels": "1000"}
 
 
@@ -89,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(","))
     if unknown := only - set(ALL.split(",")):
         parser.error(f"unknown scenarios {sorted(unknown)} (known: {ALL})")
-    if only & {"chat", "stream", "tls"} and shutil.which("wrk") is None:
+    if only & {"chat", "stream", "tls", "redis", "resume"} and shutil.which("wrk") is None:
         print("benches/load.py needs wrk (apt-get install wrk)", file=sys.stderr)
         return 2
-    paced = only & {"concurrent", "paced", "held"}
+    paced = only & {"concurrent", "paced", "held", "resume"}
     if paced and not PACER.exists():
         print(
             f"benches/load.py needs the pacer for {sorted(paced)}: "
@@ -125,12 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     tls = fake = pacer = None
     try:
-        if only & {"chat", "stream", "tls", "redis", "latency"}:
+        if only & {"chat", "stream", "tls", "redis", "latency", "resume"}:
             tls = TlsFiles(tmp)
             fake = Fake(tmp, tls)
         pacer = Pacer(args.pacer_processes, args.pacer_client_core) if paced else None
         run = Run(fake, tls, pacer, tmp, results, args.seconds, args.connections, only)
-        if fake is not None:
+        if fake is not None and only & {"chat", "stream", "tls", "redis", "latency"}:
             with server(fake.url + "/v1", tmp) as plain:
                 run.plain = plain
                 for kind in ("chat", "stream"):
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         if "held" in only:
             for n in _levels(args.held_levels):
                 streams_level(run, "held", n, 0.25, args.held_chunks, direct=True)
+        if "resume" in only:  # its own servers, after the plain one has gone
+            resume(run, args.paced_tokens, args.held_chunks)
     finally:
         if fake is not None:
             fake.stop()

@@ -5,8 +5,11 @@ many-streams scenarios), and adds its figures to the run's Results."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import os
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,21 +123,28 @@ def _against_plain(
     """The same load as `throughput`'s, against `srv` (the same server but for one thing), as
     ratios to the plain figures measured just before in the same run (`run.measured[kind]`):
     `<prefix>.<kind>.throughput` and `.server_cpu_us`, reported, not gated."""
-    plain = run.measured[kind]
-    per = 1 if kind == "chat" else CHUNKS
+    run.fake.behave() if kind == "chat" else run.fake.behave(chunks=CHUNKS)
     path = "/api/chat" if kind == "chat" else "/api/chat/stream"
+    on = wrk(srv.url + path, MESSAGE, {}, run.seconds, run.connections, run.cpu(srv))
+    _ratio_figures(run, kind, on, run.measured[kind], prefix, what_differs, plain_is, **kw)
+
+
+def _ratio_figures(
+    run: Run, kind: str, on: WrkRun, ref: WrkRun, prefix: str, what_differs: str, ref_is: str, **kw
+) -> None:  # type: ignore[no-untyped-def]
+    """`<prefix>.<kind>.throughput` and `.server_cpu_us` of `on`, as ratios to `ref` (a run of the
+    same load against a server that differs in one thing): reported, not gated."""
+    per = 1 if kind == "chat" else CHUNKS
     unit, what = ("req/s", "request") if kind == "chat" else ("events/s", "event")
     label = "/api/chat requests/s" if kind == "chat" else f"/api/chat/stream delta events/s ({CHUNKS} chunks)"
-    run.fake.behave() if kind == "chat" else run.fake.behave(chunks=CHUNKS)
-    on = wrk(srv.url + path, MESSAGE, {}, run.seconds, run.connections, run.cpu(srv))
     run.results.add(
         Figure(
             f"{prefix}.{kind}.throughput",
             f"{label}, {what_differs}",
             on.rps * per,
             unit,
-            reference=plain.rps * per,
-            reference_is=plain_is,
+            reference=ref.rps * per,
+            reference_is=ref_is,
             note=_busy(on) + _bad(on),
             gate=False,
             **kw,
@@ -145,11 +155,25 @@ def _against_plain(
             on.server_cpu_s / max(1, on.requests * per) * 1e6,
             "us",
             better="lower",
-            reference=plain.server_cpu_s / max(1, plain.requests * per) * 1e6,
-            reference_is=plain_is,
+            reference=ref.server_cpu_s / max(1, ref.requests * per) * 1e6,
+            reference_is=ref_is,
             gate=False,
         ),
     )
+
+
+@contextlib.contextmanager
+def _redis(run: Run) -> Iterator[str]:
+    """A real redis-server on the load core (with wrk and the fake) for the duration: its URL."""
+    from redis_server import RedisServer  # tests/ is on the path (procs.py)
+
+    redis = RedisServer(run.tmp).start()
+    try:
+        assert redis.proc is not None
+        os.sched_setaffinity(redis.proc.pid, {int(LOAD_CORE)})
+        yield redis.url
+    finally:
+        redis.stop()
 
 
 def redis_limits(run: Run) -> None:
@@ -157,21 +181,30 @@ def redis_limits(run: Run) -> None:
     core) instead of `memory://`, as ratios to the plain figures `throughput` measured just before
     in the same run (`run.measured`). Every request is admitted (limits of 10^9): the cost shown is
     the admitted request's round trip."""
-    from redis_server import RedisServer  # tests/ is on the path (procs.py)
-
-    redis = RedisServer(run.tmp).start()
-    try:
-        assert redis.proc is not None
-        os.sched_setaffinity(redis.proc.pid, {int(LOAD_CORE)})
-        with server(run.fake.url + "/v1", run.tmp, env={"REDIS_URL": redis.url}) as srv:
-            for kind in ("chat", "stream"):
-                if kind in run.measured:
-                    _against_plain(run, kind, srv, "redis", "limits in Redis", "memory:// limits, same run")
-    finally:
-        redis.stop()
+    with _redis(run) as url, server(run.fake.url + "/v1", run.tmp, env={"REDIS_URL": url}) as srv:
+        for kind in ("chat", "stream"):
+            if kind in run.measured:
+                _against_plain(run, kind, srv, "redis", "limits in Redis", "memory:// limits, same run")
 
 
 # -- many streams at once: concurrent, paced, held ---------------------------------------------------
+
+
+def _timeout(n: int, period: float, chunks: int) -> float:
+    return chunks * period + 30 + n / 200
+
+
+def _streams(
+    run: Run, n: int, period: float, chunks: int, env: dict[str, str] | None = None
+) -> tuple[dict, float, float]:
+    """`n` paced streams at once through a fresh server (`env` added to its environment) whose
+    provider is the pacer's upstream: the pacer client's figures, the server's CPU seconds over the
+    load, and its peak resident memory (VmHWM, MB: a fresh server's, so this load's)."""
+    assert run.pacer is not None
+    with server(run.pacer.url + "/v1", run.tmp, env=env) as srv:
+        cpu0 = srv.cpu_seconds()
+        ours = run.pacer.load(srv.port, "pwachat", n, period, chunks, _timeout(n, period, chunks))
+        return ours, srv.cpu_seconds() - cpu0, srv.peak_rss_mb()
 
 
 def streams_level(run: Run, name: str, n: int, period: float, chunks: int, direct: bool) -> None:
@@ -181,13 +214,10 @@ def streams_level(run: Run, name: str, n: int, period: float, chunks: int, direc
     each token's text is its scheduled send time, lateness is its arrival at the client minus that."""
     pacer = run.pacer
     assert pacer is not None
-    timeout = chunks * period + 30 + n / 200
-    with server(pacer.url + "/v1", run.tmp) as srv:
-        cpu0 = srv.cpu_seconds()
-        ours = pacer.load(srv.port, "pwachat", n, period, chunks, timeout)
-        server_cpu = srv.cpu_seconds() - cpu0
-        peak = srv.peak_rss_mb()
-    theirs = pacer.load(pacer.port, "openai", n, period, chunks, timeout) if direct else None
+    ours, server_cpu, peak = _streams(run, n, period, chunks)
+    theirs = (
+        pacer.load(pacer.port, "openai", n, period, chunks, _timeout(n, period, chunks)) if direct else None
+    )
 
     def pacer_busy(result: dict) -> str:
         # The pacer's share of its core over the run, and the time it was ready but another
@@ -279,6 +309,150 @@ def streams_level(run: Run, name: str, n: int, period: float, chunks: int, direc
             "upstream_tick_late_max_ms",
             gate=False,
             note=f"mean {ms(ours, 'upstream_tick_late_mean_ms'):.2f} ms",
+        ),
+    )
+
+
+# -- resume: resumable streams on against STREAM_GRACE_S=0 --------------------------------------------
+
+RESUME_STREAMS = 1000
+NO_GRACE = {"STREAM_GRACE_S": "0"}
+
+
+def _summed(runs: list[WrkRun]) -> WrkRun:
+    """wrk runs against one server as one: their requests over wrk's own durations."""
+    requests = sum(r.requests for r in runs)
+    duration = sum(r.requests / r.rps for r in runs if r.rps)
+    return WrkRun(
+        rps=requests / duration if duration else 0.0,
+        requests=requests,
+        non2xx=sum(r.non2xx for r in runs),
+        socket_errors="; ".join(r.socket_errors for r in runs if r.socket_errors),
+        seconds=sum(r.seconds for r in runs),
+        server_cpu_s=sum(r.server_cpu_s for r in runs),
+        fake_cpu_s=sum(r.fake_cpu_s for r in runs),
+    )
+
+
+def resume(run: Run, paced_tokens: int, held_chunks: int) -> None:
+    """Resumable streams on (the default STREAM_GRACE_S=20: a reader leaving leaves the generation
+    going for a resume to pick up) against STREAM_GRACE_S=0 (the provider request cancelled at once),
+    every figure a ratio on / off of the same run (issue #13's budget):
+    1. stream events/s and CPU per event, memory:// (`resume.memory.stream.*`);
+    2. the same, both sides with REDIS_URL, a real redis-server (`resume.redis.stream.*`). With
+       REDIS_URL every stream is mirrored to Redis Streams whatever the grace, so that ratio leaves
+       the mirror out: `resume.redis_vs_memory.stream.*` is Redis with resume against memory:// with
+       STREAM_GRACE_S=0, the cost of the Redis streams and limits together;
+    3. 1,000 real-paced streams (a token every 33 ms): lateness p50, p99, CPU per event
+       (`resume.paced.1000.*`);
+    4. 1,000 held streams (a chunk every 250 ms): a fresh server's peak memory (`resume.held.1000.*`).
+    The four servers of 1 and 2 are up together and loaded in turn, in blocks of half `run.seconds`,
+    in the order A B C D D C B A, and the paced runs go off, on, on, off: each pair sees the same
+    moments of this shared machine, and a drift favours neither side. Reported, not gated."""
+    fake = run.fake
+    assert fake is not None
+    half = max(1, run.seconds // 2)
+    with contextlib.ExitStack() as stack:
+        redis_url = stack.enter_context(_redis(run))
+        servers = {
+            name: stack.enter_context(server(fake.url + "/v1", run.tmp, env=env))
+            for name, env in (
+                ("memory off", NO_GRACE),
+                ("memory on", {}),
+                ("redis off", {**NO_GRACE, "REDIS_URL": redis_url}),
+                ("redis on", {"REDIS_URL": redis_url}),
+            )
+        }
+        blocks: dict[str, list[WrkRun]] = {name: [] for name in servers}
+        for name in [*servers, *reversed(servers)]:
+            srv = servers[name]
+            fake.behave(chunks=CHUNKS)
+            blocks[name].append(
+                wrk(srv.url + "/api/chat/stream", MESSAGE, {}, half, run.connections, run.cpu(srv))
+            )
+    m = {name: _summed(runs) for name, runs in blocks.items()}
+    on, off = "resume on (STREAM_GRACE_S=20)", "STREAM_GRACE_S=0"
+    for prefix, a, b, what_differs, ref_is, target in (
+        ("resume.memory", "memory on", "memory off", f"{on}, memory://", f"{off}, memory://", ">= 0.90"),
+        ("resume.redis", "redis on", "redis off", f"{on}, Redis", f"{off}, Redis too", ">= 0.80"),
+        (
+            "resume.redis_vs_memory",
+            "redis on",
+            "memory off",
+            f"{on}, Redis streams + limits",
+            f"{off}, memory://",
+            "",
+        ),
+    ):
+        target = f"ratio {target}" if target else ""
+        _ratio_figures(run, "stream", m[a], m[b], prefix, what_differs, f"{ref_is}, same run", target=target)
+
+    def env(side: str) -> dict[str, str] | None:
+        return NO_GRACE if side == "off" else None
+
+    paced: dict[str, list[tuple[dict, float, float]]] = {"off": [], "on": []}
+    for side in ("off", "on", "on", "off"):
+        paced[side].append(_streams(run, RESUME_STREAMS, 0.033, paced_tokens, env(side)))
+    held = {side: _streams(run, RESUME_STREAMS, 0.25, held_chunks, env(side)) for side in ("off", "on")}
+
+    def mean(side: str, field: str) -> float:
+        values = [r[0].get(field) for r in paced[side]]
+        return math.nan if None in values else statistics.fmean(float(v) for v in values)  # type: ignore[arg-type]
+
+    def cpu_per_event(side: str) -> float:
+        return sum(r[1] for r in paced[side]) / max(1, sum(r[0]["events"] for r in paced[side])) * 1e6
+
+    def complete(results: list[tuple[dict, float, float]]) -> str:
+        return f"{sum(r[0]['complete'] for r in results):,}/{RESUME_STREAMS * len(results):,}"
+
+    ref_is = f"{off}, same run"
+    head = f"resume: {RESUME_STREAMS:,} streams, a delta every 33 ms, {paced_tokens} each"
+    run.results.add(
+        Figure(
+            f"resume.paced.{RESUME_STREAMS}.lateness_p99_ms",
+            f"{head}: lateness p99, {on}",
+            mean("on", "lateness_p99_ms"),
+            "ms",
+            better="lower",
+            reference=mean("off", "lateness_p99_ms"),
+            reference_is=ref_is,
+            target="ratio <= 1.2",
+            note=f"mean of 2 runs a side (off on on off); complete: on {complete(paced['on'])}, "
+            f"off {complete(paced['off'])}",
+            gate=False,
+        ),
+        Figure(
+            f"resume.paced.{RESUME_STREAMS}.lateness_p50_ms",
+            "  lateness p50",
+            mean("on", "lateness_p50_ms"),
+            "ms",
+            better="lower",
+            reference=mean("off", "lateness_p50_ms"),
+            reference_is=ref_is,
+            gate=False,
+        ),
+        Figure(
+            f"resume.paced.{RESUME_STREAMS}.server_cpu_us_per_event",
+            "  server CPU per relayed event",
+            cpu_per_event("on"),
+            "us",
+            better="lower",
+            reference=cpu_per_event("off"),
+            reference_is=ref_is,
+            gate=False,
+        ),
+        Figure(
+            f"resume.held.{RESUME_STREAMS}.peak_rss_mb",
+            f"resume: {RESUME_STREAMS:,} held streams, a chunk every 250 ms, {held_chunks} each: "
+            f"server peak memory, {on}",
+            held["on"][2],
+            "MB",
+            better="lower",
+            reference=held["off"][2],
+            reference_is=f"{off}, a fresh server each, same run",
+            target="ratio <= 1.2",
+            note=f"complete: on {complete([held['on']])}, off {complete([held['off']])}",
+            gate=False,
         ),
     )
 
