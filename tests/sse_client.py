@@ -12,7 +12,7 @@ from typing import Any
 from reference import parse_sse
 from server import Server, sse_request
 
-__all__ = ["Item", "SseReader", "events", "open_stream", "resume_stream", "stream"]
+__all__ = ["Item", "SseReader", "begin", "delta_text", "events", "open_stream", "resume_stream", "stream"]
 
 
 @dataclass(frozen=True)
@@ -150,3 +150,19 @@ def resume_stream(srv: Server, chat_id: str, headers: str = "", query: str = "")
         "Connection: close\r\n\r\n".encode()
     )
     return SseReader(sock)
+
+
+def begin(srv: Server, headers: str = "") -> tuple[SseReader, str]:
+    """A stream started (an OpenAI one) and its `start` event read: (the reader, the stream's id)."""
+    payload = json.dumps({"message": "tell me", "provider": "openai"}).encode()
+    reader = SseReader(sse_request(srv.port, payload, headers))
+    status, _ = reader.read_head()
+    assert status == 200, status
+    start = events(reader.read_events(1))[0]
+    assert start.name == "start" and start.id == "0", start
+    return reader, json.loads(start.data)["id"]
+
+
+def delta_text(items: list[Item]) -> str:
+    """The text of the `delta` events among `items`."""
+    return "".join(json.loads(i.data)["content"] for i in events(items) if i.name == "delta")

@@ -514,7 +514,7 @@ def test_requests_refused_before_the_rate_limit_consume_no_quota(make_client) ->
         post(client, {"message": ""}, headers=auth),  # invalid_request
         post(client, {"message": "hi", "provider": "nope"}, headers=auth),
         post(client, {"message": "hi", "model": "nope"}, headers=auth),
-        post(client, {"message": "hi"}, headers=auth, path="/api/chat/stream/nope"),  # 404
+        post(client, {"message": "hi"}, headers=auth, path="/api/chat/nope"),  # 404
     ]
     for _ in range(3):  # more refusals than the quota holds
         refused.append(post(client, {"message": ""}, headers=auth, path="/api/chat/stream"))

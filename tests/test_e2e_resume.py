@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from fake_upstream import FakeUpstream
-from server import Server, poll, sse_request, start_server, stop_server
-from sse_client import Item, SseReader, events, resume_stream
+from server import Server, poll, start_server, stop_server
+from sse_client import Item, begin, delta_text, events, resume_stream
 
 OPENAI_KEY = "sk-test-resume"
 TOKENS = ("tok-alice", "tok-bob")
@@ -80,21 +80,6 @@ def auth(token: str | None) -> str:
     return f"Authorization: Bearer {token}\r\n" if token else ""
 
 
-def begin(srv: Server, token: str | None = None) -> tuple[Any, str]:
-    """A stream started and its `start` read: (the reader, the stream's id)."""
-    payload = json.dumps({"message": "tell me", "provider": "openai"}).encode()
-    reader = SseReader(sse_request(srv.port, payload, auth(token)))
-    status, _ = reader.read_head()
-    assert status == 200
-    start = events(reader.read_events(1))[0]
-    assert start.name == "start" and start.id == "0"
-    return reader, json.loads(start.data)["id"]
-
-
-def text_of(items: list[Item]) -> str:
-    return "".join(json.loads(i.data)["content"] for i in events(items) if i.name == "delta")
-
-
 def check_rest(items: list[Item], first_id: int) -> Item:
     """Ids consecutive from `first_id`, one terminal event last; returns it."""
     evs = events(items)
@@ -140,7 +125,7 @@ def test_a_reader_that_leaves_after_three_deltas_resumes_with_exactly_the_rest(
         rest = again.read_rest()
     end = check_rest(rest, 4)
     assert end.name == "done" and json.loads(end.data)["finish_reason"] == "stop"
-    assert text_of(first) + text_of(rest) == "".join(DELTAS)
+    assert delta_text(first) + delta_text(rest) == "".join(DELTAS)
     # One provider request, never restarted, that ran to its end.
     recs = fake.requests()
     assert len(recs) == 1 and recs[0]["completed"] and not recs[0]["client_gone"], recs
@@ -171,12 +156,12 @@ def test_last_event_id_in_the_query_and_the_header_winning(srv: Server, fake: Fa
     with by_query.sock:
         by_query.read_head()
         rest = by_query.read_rest()
-    assert check_rest(rest, 5).name == "done" and text_of(rest) == "w4 w5 "
+    assert check_rest(rest, 5).name == "done" and delta_text(rest) == "w4 w5 "
     both = resume_stream(srv, chat_id, "Last-Event-ID: 5\r\n", query="?last_event_id=1")
     with both.sock:
         both.read_head()
         rest = both.read_rest()
-    assert [e.name for e in events(rest)] == ["delta", "done"] and text_of(rest) == "w5 "
+    assert [e.name for e in events(rest)] == ["delta", "done"] and delta_text(rest) == "w5 "
 
 
 def test_a_reader_with_every_event_gets_204_and_bad_ids_get_400(srv: Server, fake: FakeUpstream) -> None:
@@ -194,7 +179,7 @@ def test_a_reader_with_every_event_gets_204_and_bad_ids_get_400(srv: Server, fak
 
 def test_unknown_and_foreign_ids_are_404_for_resume_and_stop(tokened: Server, fake: FakeUpstream) -> None:
     fake.behave("openai", deltas=DELTAS, chunk_interval_s=0.2)
-    alice, chat_id = begin(tokened, TOKENS[0])
+    alice, chat_id = begin(tokened, auth(TOKENS[0]))
     with alice.sock:
         for token in TOKENS[1:]:  # another caller: as if there were no such stream
             for method, path in (("GET", ""), ("POST", "/stop")):
@@ -285,7 +270,7 @@ def test_a_reader_back_within_the_grace_keeps_the_answer_going(short: Server, fa
         again.read_head()
         rest = again.read_rest()
     assert check_rest(rest, 3).name == "done"
-    assert text_of(first) + text_of(rest) == "".join(DELTAS * 3)
+    assert delta_text(first) + delta_text(rest) == "".join(DELTAS * 3)
     rec = fake.requests()[0]
     assert rec["completed"] and not rec["client_gone"]
 
@@ -317,7 +302,7 @@ def test_at_most_four_readers_per_stream(srv: Server, fake: FakeUpstream) -> Non
             assert other.read_head()[0] == 200
         status, headers, body = request(srv, "GET", f"/api/chat/stream/{chat_id}")
         assert status == 429 and body["error"]["code"] == "rate_limited" and int(headers["retry-after"]) >= 1
-        texts = [text_of(r.read_rest()) for r in (reader, *others)]
+        texts = [delta_text(r.read_rest()) for r in (reader, *others)]
     finally:
         for r in (reader, *others):
             r.sock.close()
@@ -373,3 +358,22 @@ def test_200_abandoned_streams_leave_nothing_behind(short: Server, fake: FakeUps
         "no stream, task or log left in the worker",
     )
     assert fake.open_connections() <= 256  # the idle pool's bound, not one per abandoned stream
+
+
+def test_no_grace_turns_resumes_off_and_a_stop_still_works(
+    tmp_path_factory: pytest.TempPathFactory, fake: FakeUpstream
+) -> None:
+    off = serve(tmp_path_factory.mktemp("off"), fake, STREAM_GRACE_S="0")
+    try:
+        fake.behave("openai", deltas=DELTAS * 3, chunk_interval_s=0.2)
+        reader, chat_id = begin(off)
+        with reader.sock:
+            status, _, body = request(off, "GET", f"/api/chat/stream/{chat_id}")
+            assert status == 404 and body["error"]["code"] == "stream_not_found"  # nothing is kept
+            assert request(off, "POST", f"/api/chat/stream/{chat_id}/stop")[2] == {"stopped": True}
+            end = check_rest(reader.read_rest(), 1)
+        assert json.loads(end.data)["finish_reason"] == "cancelled"
+        assert gone_after(fake, 5)["client_gone"]
+        assert runtime(off)["kept_streams"] == 0
+    finally:
+        stop_server(off)

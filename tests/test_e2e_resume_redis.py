@@ -14,8 +14,8 @@ import redis as redis_py
 
 from fake_upstream import FakeUpstream
 from redis_server import RedisServer
-from server import Server, poll, sse_request, start_server, stop_server
-from sse_client import Item, SseReader, events, resume_stream
+from server import Server, poll, start_server, stop_server
+from sse_client import Item, begin, delta_text, events, resume_stream
 
 OPENAI_KEY = "sk-test-resume-redis"
 DELTAS = [f"r{i} " for i in range(12)]
@@ -74,18 +74,6 @@ def client(redis: RedisServer) -> Iterator[redis_py.Redis]:
     conn.close()
 
 
-def begin(srv: Server) -> tuple[SseReader, str]:
-    reader = SseReader(sse_request(srv.port, json.dumps({"message": "go", "provider": "openai"}).encode()))
-    assert reader.read_head()[0] == 200
-    start = events(reader.read_events(1))[0]
-    assert start.name == "start"
-    return reader, json.loads(start.data)["id"]
-
-
-def text_of(items: list[Item]) -> str:
-    return "".join(json.loads(i.data)["content"] for i in events(items) if i.name == "delta")
-
-
 def rest_ids(items: list[Item]) -> list[int]:
     return [int(e.id) for e in events(items)]
 
@@ -109,7 +97,7 @@ def test_started_on_one_instance_resumed_on_the_other(
     ids = rest_ids(rest)
     assert ids == list(range(4, 4 + len(ids))), ids
     assert events(rest)[-1].name == "done"
-    assert text_of(first) + text_of(rest) == "".join(DELTAS)
+    assert delta_text(first) + delta_text(rest) == "".join(DELTAS)
     recs = fake.requests()
     assert len(recs) == 1 and recs[0]["completed"] and not recs[0]["client_gone"], recs
     # After its end, from the start, on the other instance: every event, the same bytes.
@@ -159,7 +147,7 @@ def test_a_reader_on_the_other_instance_keeps_the_grace_from_expiring(
         remote.read_head()
         rest = remote.read_rest()
     assert events(rest)[-1].name == "done" and json.loads(events(rest)[-1].data)["finish_reason"] == "stop"
-    assert text_of(first) + text_of(rest) == "".join(DELTAS * 4)
+    assert delta_text(first) + delta_text(rest) == "".join(DELTAS * 4)
     rec = fake.requests()[0]
     assert rec["completed"] and not rec["client_gone"]
 
@@ -196,12 +184,12 @@ def test_redis_killed_mid_stream_the_live_reader_finishes(
         try:
             rest = reader.read_rest()
             assert events(rest)[-1].name == "done", rest
-            assert text_of(first) + text_of(rest) == "".join(DELTAS)
+            assert delta_text(first) + delta_text(rest) == "".join(DELTAS)
             # Its own instance still has it; the other cannot see it while Redis is down.
             local = resume_stream(a, chat_id, "Last-Event-ID: 2\r\n")
             with local.sock:
                 assert local.read_head()[0] == 200
-                assert text_of(local.read_rest()) == "".join(DELTAS)[len(text_of(first)) :]
+                assert delta_text(local.read_rest()) == "".join(DELTAS)[len(delta_text(first)) :]
             assert b.request("GET", f"/api/chat/stream/{chat_id}")[0] == 404
         finally:
             redis.start()

@@ -21,13 +21,14 @@ from pwachat.forwarded import ForwardedHeaders
 from pwachat.logging import setup_logging
 from pwachat.providers import build_providers
 from pwachat.ratelimit import create_backend, policy_header
+from pwachat.redis_streams import create_mirror
 from pwachat.routes import BEARER_SCHEMES, api_router
 from pwachat.routes.chat import HOT_ROUTES
 from pwachat.routes.metrics import metrics_endpoint
 from pwachat.routes.pages import pages_router
 from pwachat.services import Services
 from pwachat.settings import Settings
-from pwachat.streams import Streams, create_mirror
+from pwachat.streams import Streams
 
 __all__ = ["create_app", "create_app_from_env"]
 

@@ -344,6 +344,10 @@ class _Operation(Operation):
     headers: ClassVar[dict[str, dict[str, OpenAPIHeader]]] = {}  # status -> name -> header
 
     def __post_init__(self) -> None:
+        # Only the answers declared (`documented`): Litestar adds a 400 with its own error body to
+        # any handler with a path parameter, which a `str` parameter can never fail.
+        if self.responses:
+            self.responses = {s: r for s, r in self.responses.items() if s in self.headers or s < "400"}
         for status, response in (self.responses or {}).items():
             if isinstance(response, OpenAPIResponse) and status in self.headers:
                 response.headers = {**(response.headers or {}), **self.headers[status]}
@@ -357,13 +361,17 @@ def _example(cls: type[ApiError]) -> Example:
 
 
 def documented(
-    *errors: type[ApiError], rate_limited: bool = False, ok: ResponseSpec | None = None
+    *errors: type[ApiError],
+    rate_limited: bool = False,
+    ok: ResponseSpec | None = None,
+    no_content: str | None = None,
 ) -> dict[str, Any]:
     """`responses` and `operation_class` for a route decorator that may answer `errors` (and
     `internal_error`, which anything may): one `ErrorBody` response per status, listing its codes,
     and the headers of each answer. With `rate_limited`, the answers given once the limit has
     admitted the request (the 200 and a provider's failure) carry the rate-limit headers too. `ok`
-    describes the 200 of a handler whose return annotation does not (a raw ASGI answer)."""
+    describes the 200 of a handler whose return annotation does not (a raw ASGI answer);
+    `no_content`, when and why it may answer 204 instead."""
     by_status: dict[int, list[type[ApiError]]] = {}
     for cls in dict.fromkeys((*errors, InternalError)):
         by_status.setdefault(cls.status, []).append(cls)
@@ -386,6 +394,9 @@ def documented(
     if ok is not None:
         responses = {200: ok, **responses}
     headers = {"200": _headers_of([admitted])}
+    if no_content is not None:
+        responses = {204: ResponseSpec(data_container=None, description=no_content), **responses}
+        headers["204"] = headers["200"]
     headers |= {str(s): _headers_of([carried(cls) for cls in classes]) for s, classes in by_status.items()}
     operation = type("DocumentedOperation", (_Operation,), {"headers": headers})
     return {"responses": responses, "operation_class": operation}

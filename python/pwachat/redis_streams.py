@@ -34,9 +34,10 @@ from redis.exceptions import RedisError, ResponseError
 from pwachat._native import sse_comment
 from pwachat.redis_limiter import _connection_options
 from pwachat.relay import STREAM_HEADERS
+from pwachat.settings import split_cluster_url
 from pwachat.streams import StreamLog, Streams, cut_after, until_disconnect
 
-__all__ = ["RedisStreams"]
+__all__ = ["RedisStreams", "create_mirror"]
 
 log = logging.getLogger("pwachat.streams")
 
@@ -51,6 +52,16 @@ RECONNECT_INTERVAL_S = 0.5
 #: their own besides).
 MAX_CONNECTIONS = 8
 PING = sse_comment("ping")
+
+
+def create_mirror(settings: Any) -> Any:
+    """The Redis mirror when `REDIS_URL` names one Redis server, else None (`memory://`, and for now
+    Redis Cluster: streams then live in their worker)."""
+    if settings.redis_url.startswith("memory://") or split_cluster_url(settings.redis_url) is not None:
+        return None  # Redis Cluster: not mirrored yet (see pwachat/redis_streams.py)
+    if settings.stream_grace_s <= 0:
+        return None  # resumes off
+    return RedisStreams(settings)
 
 
 def _pack(*parts: bytes) -> bytes:

@@ -18,6 +18,8 @@ Who decides what (one owner per rule):
   ones are forgotten first: a resume of one answers 404 like an expired one). A live stream's log
   is bounded by what `MAX_TOKENS` can produce (`max_log_bytes`): a provider sending more is
   ended with `finish_reason: "length"`.
+- `STREAM_GRACE_S=0` turns resumes off, as they were before: the reader leaving cancels at once,
+  nothing is kept or mirrored, and a stop works on the stream's own worker only.
 - With `REDIS_URL`, every flush is mirrored to Redis (`pwachat/redis_streams.py`), so that a
   resume or a stop reaching another worker or instance works too; the local log stays the
   first place looked at, and the original reader never waits on Redis.
@@ -37,14 +39,12 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from pwachat._native import sse_comment
-from pwachat.settings import split_cluster_url
 
 __all__ = [
     "MAX_READERS",
     "Mirror",
     "StreamLog",
     "Streams",
-    "create_mirror",
     "follow",
     "until_disconnect",
 ]
@@ -102,9 +102,10 @@ class StreamLog:
 
     def append(self, chunk: bytes, last_id: int, terminal: bool) -> None:
         """One flush of the generation (the relay's): kept, handed to the readers waiting, mirrored."""
-        self.chunks.append(chunk)
-        self.last_ids.append(last_id)
-        self.size += len(chunk)
+        if self.registry.keep:
+            self.chunks.append(chunk)
+            self.last_ids.append(last_id)
+            self.size += len(chunk)
         if self.waiters:
             for waiter in self.waiters:
                 if not waiter.done():
@@ -185,6 +186,11 @@ class StreamLog:
         return k + 1, cut_after(self.chunks[k], last_event_id)
 
 
+def _held(stream: StreamLog) -> int:
+    """What an ended stream's log takes in memory: its bytes, and the objects around them."""
+    return stream.size + 400 + 90 * len(stream.chunks)
+
+
 def cut_after(chunk: bytes, last_event_id: int) -> bytes:
     """The events of `chunk` after `last_event_id` (which `chunk` holds): each event starts with
     its `id:` line, which only an event's first line can be (`data` never holds a raw newline)."""
@@ -200,6 +206,9 @@ class Streams:
 
     def __init__(self, settings: Any, mirror: Any = None) -> None:
         self.grace_s = settings.stream_grace_s
+        # STREAM_GRACE_S=0 turns resumes off (as before them): nothing is kept or mirrored, a
+        # stream is known only to its own worker, for a stop.
+        self.keep = self.grace_s > 0
         self.retain_s = settings.stream_retain_s
         self.memory_cap = settings.stream_memory_mb * 1024 * 1024
         # What MAX_TOKENS can produce: a token is a few bytes of text, framed as a delta event of
@@ -217,9 +226,13 @@ class Streams:
         return stream
 
     def ended(self, stream: StreamLog) -> None:
+        if not self.keep:  # resumes off: nothing to keep it for
+            if self.logs.get(stream.chat_id) is stream:
+                del self.logs[stream.chat_id]
+            return
         loop = asyncio.get_running_loop()
         self._retained.append((loop.time() + self.retain_s, stream))
-        self.retained_bytes += stream.size
+        self.retained_bytes += _held(stream)
         self.sweep()
         if self._sweeper is None and self._retained:
             self._sweeper = loop.call_at(self._retained[0][0], self._sweep_timer)
@@ -238,12 +251,13 @@ class Streams:
         now = asyncio.get_running_loop().time()
         while retained and (retained[0][0] <= now or self.retained_bytes > self.memory_cap):
             _, stream = retained.popleft()
-            self.retained_bytes -= stream.size
+            self.retained_bytes -= _held(stream)
             if self.logs.get(stream.chat_id) is stream:
                 del self.logs[stream.chat_id]
 
     def get(self, chat_id: str, owner: str) -> StreamLog | None:
-        """The caller's stream, if this process has it (another caller's is no stream)."""
+        """The caller's stream, if this process has it (another caller's is no stream). With
+        resumes off, its log is empty: only a stop can use it."""
         self.sweep()
         stream = self.logs.get(chat_id)
         if stream is None or not hmac.compare_digest(stream.owner, owner):
@@ -265,16 +279,6 @@ class Streams:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-
-
-def create_mirror(settings: Any) -> Any:
-    """The Redis mirror when `REDIS_URL` names one Redis server, else None (`memory://`, and for now
-    Redis Cluster: streams then live in their worker)."""
-    if settings.redis_url.startswith("memory://") or split_cluster_url(settings.redis_url) is not None:
-        return None  # Redis Cluster: not mirrored yet (see pwachat/redis_streams.py)
-    from pwachat.redis_streams import RedisStreams  # redis-py only when used
-
-    return RedisStreams(settings)
 
 
 def until_disconnect(receive: Any) -> asyncio.Future[Any]:

@@ -105,7 +105,7 @@ def _too_many() -> RateLimited:
 
 
 @get(
-    "/chat/stream/{chat_id:str}",
+    "/chat/stream/{stream_id:str}",
     summary="Resume a stream: the events after Last-Event-ID, then live ones",
     **documented(
         HttpsRequired,
@@ -118,16 +118,16 @@ def _too_many() -> RateLimited:
             generate_examples=False,
             media_type="text/event-stream",
             description="The stream's events after `Last-Event-ID` (or `?last_event_id=`), with their "
-            "original ids, then live ones to the terminal event; 204 when an ended stream has "
-            "nothing after that id",
+            "original ids, then live ones to the terminal event",
         ),
+        no_content="The stream has ended and the reader has every event (an EventSource stops reconnecting)",
     ),
 )
-async def resume_stream(request: Request[Any, Any, Any], chat_id: str) -> ASGIApp:
+async def resume_stream(request: Request[Any, Any, Any], stream_id: str) -> ASGIApp:
     svc, owner = _caller(request)
     after = _last_event_id(request.scope)
     heartbeat_s = svc.settings.sse_heartbeat_s
-    stream = svc.streams.get(chat_id, owner)
+    stream = svc.streams.get(stream_id, owner) if svc.streams.keep else None
     if stream is not None:
         if stream.ended and after >= stream.last_ids[-1]:
             METRICS.stream_resumed("ok")
@@ -138,7 +138,7 @@ async def resume_stream(request: Request[Any, Any, Any], chat_id: str) -> ASGIAp
         return LocalResume(stream, after, heartbeat_s)
     mirror = svc.streams.mirror
     if mirror is not None:
-        remote = await mirror.open_follow(chat_id, owner, after, heartbeat_s)
+        remote = await mirror.open_follow(stream_id, owner, after, heartbeat_s)
         if remote is not None:
             METRICS.stream_resumed("ok")
             return NOTHING_LEFT if remote.nothing_left else remote
@@ -147,19 +147,19 @@ async def resume_stream(request: Request[Any, Any, Any], chat_id: str) -> ASGIAp
 
 
 @post(
-    "/chat/stream/{chat_id:str}/stop",
+    "/chat/stream/{stream_id:str}/stop",
     summary="Stop a stream: the provider request is cancelled, readers get done (cancelled)",
     status_code=200,
     **documented(HttpsRequired, Unauthorized, StreamNotFound),
 )
-async def stop_stream(request: Request[Any, Any, Any], chat_id: str) -> Response[StopResponse]:
+async def stop_stream(request: Request[Any, Any, Any], stream_id: str) -> Response[StopResponse]:
     svc, owner = _caller(request)
-    stream = svc.streams.get(chat_id, owner)
+    stream = svc.streams.get(stream_id, owner)
     if stream is not None:
         return Response(StopResponse(stopped=stream.stop()))
     mirror = svc.streams.mirror
     if mirror is not None:
-        stopped = await mirror.stop(chat_id, owner)
+        stopped = await mirror.stop(stream_id, owner)
         if stopped is not None:
             return Response(StopResponse(stopped=stopped))
     raise StreamNotFound()
