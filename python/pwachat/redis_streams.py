@@ -10,9 +10,10 @@ instance holds `pwachat:st:{<chat id>}:r` (a short TTL, refreshed) so that the g
 instance's grace does not expire under it. Stops go over pub/sub (`pwachat:st:stop`): every worker
 subscribes, and the one generating the stream cancels it at once.
 
-Writes never hold the generation up: `append` only queues a packed `XADD`; one writer task per
-process sends everything queued in one write (a pipeline over all the streams that flushed
-meanwhile) and reads the replies, while the next batch queues up. A failed or slow batch marks
+Writes never hold the generation up: `append` only packs the flush's arguments; one writer task
+per process sends everything queued as one script call (`APPEND_LUA`: the XADDs and EXPIREs of
+every stream that flushed meanwhile, one round trip and one reply), while the next batch queues
+up (one reply per batch rather than per command halves the mirror's cost to the relay). A failed or slow batch marks
 Redis down for streams (logged once): the streams it carried, and any that flush while it is down,
 are no longer mirrored (only their cross-instance resume is lost: the original reader, and resumes
 on the generating worker, go on from the local log); a probe brings mirroring back for new streams.
@@ -26,10 +27,11 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from pwachat._native import sse_comment
 from pwachat.redis_limiter import _connection_options
@@ -48,6 +50,10 @@ WRITE_TIMEOUT_S = 1.0
 #: The longest a resume or a stop waits on Redis to find a stream.
 LOOKUP_TIMEOUT_S = 0.5
 RECONNECT_INTERVAL_S = 0.5
+#: Flushes per script call (a call of a few hundred XADDs keeps Redis busy well under a
+#: millisecond), and the most that may wait for Redis: past that, a stream stops being mirrored.
+BATCH = 256
+MAX_QUEUED = 20_000
 #: Connections for lookups, per process (the writer, the subscriber and each remote reader have
 #: their own besides).
 MAX_CONNECTIONS = 8
@@ -62,6 +68,40 @@ def create_mirror(settings: Any) -> Any:
     if settings.stream_grace_s <= 0:
         return None  # resumes off
     return RedisStreams(settings)
+
+
+# One batch of flushes, from every stream that flushed since the last batch: KEYS are their streams,
+# ARGV[1] the MAXLEN, then six arguments per flush: entry id, bytes, first event id, owner (on the
+# first entry only), TTL to set ("0": leave it), terminal ("1" or ""). An id already there (the same
+# batch sent again after a NOSCRIPT) is no failure; any other refusal is, and comes back as the
+# 1-based index of that flush.
+APPEND_LUA = """
+local maxlen = ARGV[1]
+local failed = {}
+local a = 2
+for i = 1, #KEYS do
+  local k, t = KEYS[i], ARGV[a + 5]
+  local args = {'XADD', k, 'MAXLEN', '~', maxlen, ARGV[a], 'b', ARGV[a + 1], 'f', ARGV[a + 2]}
+  if ARGV[a + 3] ~= '' then
+    args[#args + 1] = 'o'
+    args[#args + 1] = ARGV[a + 3]
+  end
+  if t ~= '' then
+    args[#args + 1] = 't'
+    args[#args + 1] = t
+  end
+  local ttl = ARGV[a + 4]
+  a = a + 6
+  local r = redis.pcall(unpack(args))
+  if type(r) == 'table' and r.err and not string.find(r.err, 'equal or smaller', 1, true) then
+    failed[#failed + 1] = i
+  end
+  if ttl ~= '0' then
+    redis.pcall('EXPIRE', k, ttl)
+  end
+end
+return failed
+"""
 
 
 def _pack(*parts: bytes) -> bytes:
@@ -98,8 +138,14 @@ class RedisStreams:
         self.lease_s = max(2, round(2 * settings.sse_heartbeat_s))
         self.up = True
         self.streams: Streams | None = None
-        self._queue: list[bytes] = []
-        self._carried: list[StreamLog | None] = []  # per queued command: whose XADD (None: EXPIRE)
+        # The next batch: per flush its key and its six script arguments, packed, and its stream.
+        self._keys: list[bytes] = []
+        self._args: list[bytes] = []
+        self._carried: list[StreamLog] = []
+        self._sha = hashlib.sha1(APPEND_LUA.encode()).hexdigest().encode()  # noqa: S324 - Redis names scripts so
+        self._maxlen_arg = b"$%d\r\n%s\r\n" % (len(self.maxlen), self.maxlen)
+        self.retain_ttl = b"%d" % self.retain_s
+        self.live_ttl_arg = b"%d" % self.live_ttl
         self._writer: asyncio.Task[None] | None = None
         self._writer_conn: Any = None
         self._refreshed: dict[str, float] = {}  # live stream -> loop time of its last EXPIRE
@@ -117,80 +163,92 @@ class RedisStreams:
 
     # -- the generation's side ---------------------------------------------------------------------
     def append(self, stream: StreamLog, chunk: bytes, last_id: int, terminal: bool) -> None:
-        if not self.up:
+        """Queue one flush for the next batch (this costs the relay one packing, no I/O)."""
+        if not self.up or len(self._carried) >= MAX_QUEUED:  # down, or too slow to keep up
             stream.mirrored = False
             self._refreshed.pop(stream.chat_id, None)
             return
-        key = _key(stream.chat_id)
-        first = stream.last_ids[-2] + 1 if len(stream.last_ids) > 1 else 0
-        parts = [
-            b"XADD",
-            key,
-            b"MAXLEN",
-            b"~",
-            self.maxlen,
-            b"1-%d" % last_id,
-            b"b",
-            chunk,
-            b"f",
-            b"%d" % first,
-        ]
-        if first == 0:
-            parts += (b"o", _owner(stream.owner))
+        chat_id = stream.chat_id
+        ids = stream.last_ids
+        first = ids[-2] + 1 if len(ids) > 1 else 0
+        owner = _owner(stream.owner) if first == 0 else b""
         if terminal:
-            parts += (b"t", b"1")
-        self._queue.append(_pack(*parts))
+            self._refreshed.pop(chat_id, None)
+            ttl = self.retain_ttl
+        elif first == 0:
+            self._refreshed[chat_id] = time.monotonic()
+            ttl = self.live_ttl_arg
+        else:
+            now = time.monotonic()
+            if now - self._refreshed.get(chat_id, now) >= self.refresh_s:
+                self._refreshed[chat_id] = now
+                ttl = self.live_ttl_arg
+            else:
+                ttl = b"0"
+        key = PREFIX + b"{" + chat_id.encode() + b"}"
+        self._keys.append(b"$%d\r\n%s\r\n" % (len(key), key))
+        last = b"1-%d" % last_id
+        f = b"%d" % first
+        t = b"1" if terminal else b""
+        self._args.append(
+            b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+            % (len(last), last, len(chunk), chunk, len(f), f, len(owner), owner, len(ttl), ttl, len(t), t)
+        )
         self._carried.append(stream)
-        now = asyncio.get_running_loop().time()
-        if terminal:
-            self._refreshed.pop(stream.chat_id, None)
-            self._queue.append(_pack(b"EXPIRE", key, b"%d" % self.retain_s))
-            self._carried.append(None)
-        elif first == 0 or now - self._refreshed.get(stream.chat_id, now) >= self.refresh_s:
-            self._refreshed[stream.chat_id] = now
-            self._queue.append(_pack(b"EXPIRE", key, b"%d" % self.live_ttl))
-            self._carried.append(None)
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write())
 
     async def _write(self) -> None:
-        """Everything queued, in one write per batch, until the queue is empty."""
+        """Everything queued, as one script call per batch (one round trip, one reply), until the
+        queue is empty; what queues up meanwhile is the next batch."""
         try:
-            while self._queue and not self._closing:
-                batch, carried = self._queue, self._carried
-                self._queue, self._carried = [], []
+            while self._carried and not self._closing:
+                keys, args, carried = self._keys[:BATCH], self._args[:BATCH], self._carried[:BATCH]
+                del self._keys[:BATCH], self._args[:BATCH], self._carried[:BATCH]
+                n = len(carried)
+                head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$%d\r\n%d\r\n" % (
+                    3 + n + 1 + 6 * n,
+                    self._sha,
+                    len(b"%d" % n),
+                    n,
+                )
+                command = b"".join((head, *keys, self._maxlen_arg, *args))
                 try:
                     async with asyncio.timeout(WRITE_TIMEOUT_S):
-                        replies = await self._send(batch)
+                        reply = await self._send(command)
                 except (RedisError, OSError, TimeoutError) as err:
                     self._lost(carried, f"Redis unavailable for streams ({type(err).__name__})")
                     return
-                for reply, stream in zip(replies, carried, strict=True):
-                    # An id already there is a write that went through before (harmless); any
-                    # other refusal (out of memory, a read-only replica) loses that stream's log.
-                    if (
-                        isinstance(reply, ResponseError)
-                        and stream is not None
-                        and "equal or smaller" not in str(reply)
-                    ):
+                if isinstance(reply, ResponseError):
+                    # The whole call refused (out of memory, a read-only replica): those logs are
+                    # incomplete in Redis from now on.
+                    for stream in carried:
                         stream.mirrored = False
+                    continue
+                for index in reply:  # the entries the script could not add
+                    carried[int(index) - 1].mirrored = False
         finally:
             self._writer = None
 
-    async def _send(self, batch: list[bytes]) -> list[Any]:
+    async def _send(self, command: bytes) -> Any:
         conn = self._writer_conn
         if conn is None:
             conn = self._writer_conn = self.redis.connection_pool.make_connection()
         try:
             await conn.connect()
-            await conn.send_packed_command(b"".join(batch), check_health=False)
-            replies = []
-            for _ in batch:
+            await conn.send_packed_command(command, check_health=False)
+            try:
+                return await conn.read_response(disable_decoding=True)
+            except NoScriptError:  # a Redis restarted since: load it, and send the batch again
+                await conn.send_packed_command(_pack(b"SCRIPT", b"LOAD", APPEND_LUA.encode()))
+                await conn.read_response()
+                await conn.send_packed_command(command, check_health=False)
                 try:
-                    replies.append(await conn.read_response(disable_decoding=True))
+                    return await conn.read_response(disable_decoding=True)
                 except ResponseError as err:
-                    replies.append(err)
-            return replies
+                    return err
+            except ResponseError as err:
+                return err
         except BaseException:
             self._writer_conn = None
             await conn.disconnect(nowait=True)
@@ -201,9 +259,8 @@ class RedisStreams:
             if stream is not None:
                 stream.mirrored = False
         for stream in self._carried:
-            if stream is not None:
-                stream.mirrored = False
-        self._queue, self._carried = [], []
+            stream.mirrored = False
+        self._keys, self._args, self._carried = [], [], []
         if self.up:
             self.up = False
             log.warning("%s; streams are resumable on their own worker only until it is back", why)

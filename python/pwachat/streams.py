@@ -57,6 +57,10 @@ PING = sse_comment("ping")
 _id_line = b"id: %d\n"
 
 
+def _nothing() -> None:
+    pass
+
+
 class Mirror(Protocol):
     """Where a stream's log is copied for other processes (Redis); see `pwachat/redis_streams.py`."""
 
@@ -99,6 +103,18 @@ class StreamLog:
         self.stop_reason: str | None = None  # "stopped", "grace_expired", "reader_gone", "too_long"
         self.grace_timer: asyncio.TimerHandle | None = None
         self.mirrored = registry.mirror is not None  # false once a write to the mirror was lost
+
+    @classmethod
+    def ended_from(cls, registry: Streams, chat_id: str, owner: str, body: bytes, last_id: int) -> StreamLog:
+        """A retained stream's log again, for one resume (`Streams.get`): one chunk, ended."""
+        stream = cls(registry, chat_id, owner, _nothing)
+        stream.chunks = [body] if body else []
+        stream.last_ids = [last_id] if body else []
+        stream.size = len(body)
+        stream.ended = True
+        stream.readers = 0
+        stream.mirrored = False
+        return stream
 
     def append(self, chunk: bytes, last_id: int, terminal: bool) -> None:
         """One flush of the generation (the relay's): kept, handed to the readers waiting, mirrored."""
@@ -186,9 +202,8 @@ class StreamLog:
         return k + 1, cut_after(self.chunks[k], last_event_id)
 
 
-def _held(stream: StreamLog) -> int:
-    """What an ended stream's log takes in memory: its bytes, and the objects around them."""
-    return stream.size + 400 + 90 * len(stream.chunks)
+#: What a retained stream takes besides its events: its record, id, and entries in the registry.
+RECORD_OVERHEAD = 400
 
 
 def cut_after(chunk: bytes, last_event_id: int) -> bytes:
@@ -215,8 +230,10 @@ class Streams:
         # about 40 bytes; 64 per token leaves room for long tokens and escapes.
         self.max_log_bytes = 64 * settings.max_tokens + 64 * 1024
         self.mirror = mirror
-        self.logs: dict[str, StreamLog] = {}
-        self._retained: collections.deque[tuple[float, StreamLog]] = collections.deque()
+        self.logs: dict[str, StreamLog] = {}  # live ones; ended ones as (owner, events, last id)
+        self._retained: collections.deque[tuple[float, str, tuple[str, bytes, int], int]] = (
+            collections.deque()
+        )
         self.retained_bytes = 0
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -226,13 +243,23 @@ class Streams:
         return stream
 
     def ended(self, stream: StreamLog) -> None:
-        if not self.keep:  # resumes off: nothing to keep it for
-            if self.logs.get(stream.chat_id) is stream:
-                del self.logs[stream.chat_id]
+        """Keep an ended stream for `STREAM_RETAIN_S`, as one tuple (owner, events, last id): a
+        tuple of strings, bytes and ints leaves the garbage collector's lists, so that hundreds of
+        thousands of retained streams cost no collection time (the live `StreamLog`, with its lists,
+        would)."""
+        chat_id = stream.chat_id
+        if self.logs.get(chat_id) is not stream:
             return
+        if not self.keep:  # resumes off: nothing to keep it for
+            del self.logs[chat_id]
+            return
+        body = b"".join(stream.chunks)
+        record = (stream.owner, body, stream.last_ids[-1] if stream.last_ids else -1)
+        self.logs[chat_id] = record  # type: ignore[assignment]
+        held = len(body) + RECORD_OVERHEAD
         loop = asyncio.get_running_loop()
-        self._retained.append((loop.time() + self.retain_s, stream))
-        self.retained_bytes += _held(stream)
+        self._retained.append((loop.time() + self.retain_s, chat_id, record, held))
+        self.retained_bytes += held
         self.sweep()
         if self._sweeper is None and self._retained:
             self._sweeper = loop.call_at(self._retained[0][0], self._sweep_timer)
@@ -250,30 +277,36 @@ class Streams:
             return
         now = asyncio.get_running_loop().time()
         while retained and (retained[0][0] <= now or self.retained_bytes > self.memory_cap):
-            _, stream = retained.popleft()
-            self.retained_bytes -= _held(stream)
-            if self.logs.get(stream.chat_id) is stream:
-                del self.logs[stream.chat_id]
+            _, chat_id, record, held = retained.popleft()
+            self.retained_bytes -= held
+            if self.logs.get(chat_id) is record:
+                del self.logs[chat_id]
 
     def get(self, chat_id: str, owner: str) -> StreamLog | None:
         """The caller's stream, if this process has it (another caller's is no stream). With
         resumes off, its log is empty: only a stop can use it."""
         self.sweep()
-        stream = self.logs.get(chat_id)
-        if stream is None or not hmac.compare_digest(stream.owner, owner):
+        entry: Any = self.logs.get(chat_id)
+        if entry is None:
             return None
-        return stream
+        if type(entry) is tuple:  # ended, retained: a log of its own for this reader
+            if not hmac.compare_digest(entry[0], owner):
+                return None
+            return StreamLog.ended_from(self, chat_id, *entry)
+        if not hmac.compare_digest(entry.owner, owner):
+            return None
+        return entry
 
     def stop_local(self, chat_id: str) -> None:
         """A stop that reached another process (through the mirror) for a stream this one runs."""
         stream = self.logs.get(chat_id)
-        if stream is not None:
+        if isinstance(stream, StreamLog):
             stream.stop()
 
     def kept_bytes(self) -> int:
         """The events held now (for /api/health's runtime block: a leak shows here)."""
         self.sweep()
-        return sum(s.size for s in self.logs.values())
+        return sum(len(s[1]) if type(s) is tuple else s.size for s in self.logs.values())
 
     def close(self) -> None:
         if self._sweeper is not None:
