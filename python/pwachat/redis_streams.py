@@ -11,12 +11,12 @@ instance's grace does not expire under it. Stops go over pub/sub (`pwachat:st:st
 subscribes, and the one generating the stream cancels it at once.
 
 Writes never hold the generation up: `append` only packs the flush's arguments; one writer task
-per process sends everything queued as one script call (`APPEND_LUA`: the XADDs and EXPIREs of
-every stream that flushed meanwhile, one round trip and one reply), while the next batch queues
-up (one reply per batch rather than per command halves the mirror's cost to the relay). A failed or slow batch marks
-Redis down for streams (logged once): the streams it carried, and any that flush while it is down,
-are no longer mirrored (only their cross-instance resume is lost: the original reader, and resumes
-on the generating worker, go on from the local log); a probe brings mirroring back for new streams.
+per process sends what `BATCH_DELAY_S` (2 ms) gathered as one script call (`APPEND_LUA`: the XADDs
+and EXPIREs of every stream that flushed meanwhile, one round trip and one reply), while the next
+batch gathers. A failed or slow batch marks Redis down for streams (logged once): the streams it
+carried, and any that flush while it is down, are no longer mirrored (only their cross-instance
+resume is lost: the original reader, and resumes on the generating worker, go on from the local
+log); a probe brings mirroring back for new streams.
 
 Redis Cluster: not mirrored yet (streams stay in their worker, as with `memory://`); see the README.
 """
@@ -49,10 +49,14 @@ STOP_CHANNEL = "pwachat:st:stop"
 WRITE_TIMEOUT_S = 1.0
 #: The longest a resume or a stop waits on Redis to find a stream.
 LOOKUP_TIMEOUT_S = 0.5
+#: How long a lookup that found nothing waits before looking once more (see `_head_and_tail`).
+LATE_START_S = 0.05
 RECONNECT_INTERVAL_S = 0.5
 #: Flushes per script call (a call of a few hundred XADDs keeps Redis busy well under a
 #: millisecond), and the most that may wait for Redis: past that, a stream stops being mirrored.
 BATCH = 256
+#: How long flushes wait to be sent together: a resume elsewhere sees an event this much later.
+BATCH_DELAY_S = 0.002
 MAX_QUEUED = 20_000
 #: Connections for lookups, per process (the writer, the subscriber and each remote reader have
 #: their own besides).
@@ -148,7 +152,9 @@ class RedisStreams:
         self.live_ttl_arg = b"%d" % self.live_ttl
         self._writer: asyncio.Task[None] | None = None
         self._writer_conn: Any = None
-        self._refreshed: dict[str, float] = {}  # live stream -> loop time of its last EXPIRE
+        # Live mirrored streams: [time of the last TTL set, the key packed as a RESP bulk string].
+        self._live: dict[str, list[Any]] = {}
+        self._tick: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
 
@@ -164,38 +170,46 @@ class RedisStreams:
     # -- the generation's side ---------------------------------------------------------------------
     def append(self, stream: StreamLog, chunk: bytes, last_id: int, terminal: bool) -> None:
         """Queue one flush for the next batch (this costs the relay one packing, no I/O)."""
-        if not self.up or len(self._carried) >= MAX_QUEUED:  # down, or too slow to keep up
-            stream.mirrored = False
-            self._refreshed.pop(stream.chat_id, None)
-            return
         chat_id = stream.chat_id
-        ids = stream.last_ids
-        first = ids[-2] + 1 if len(ids) > 1 else 0
-        owner = _owner(stream.owner) if first == 0 else b""
-        if terminal:
-            self._refreshed.pop(chat_id, None)
-            ttl = self.retain_ttl
-        elif first == 0:
-            self._refreshed[chat_id] = time.monotonic()
+        if not self.up or len(self._carried) >= MAX_QUEUED:  # down, or too slow to keep up
+            self._unmirror(stream)
+            return
+        live = self._live.get(chat_id)
+        now = time.monotonic()
+        if live is None:  # its first flush (`start`): the key, the owner, the running TTL
+            key = PREFIX + b"{" + chat_id.encode() + b"}"
+            live = self._live[chat_id] = [now, b"$%d\r\n%s\r\n" % (len(key), key)]
+            first = 0
+            owner = _owner(stream.owner)
             ttl = self.live_ttl_arg
         else:
-            now = time.monotonic()
-            if now - self._refreshed.get(chat_id, now) >= self.refresh_s:
-                self._refreshed[chat_id] = now
+            first = stream.last_ids[-2] + 1
+            owner = b""
+            ttl = b"0"
+            if now - live[0] >= self.refresh_s:
+                live[0] = now
                 ttl = self.live_ttl_arg
-            else:
-                ttl = b"0"
-        key = PREFIX + b"{" + chat_id.encode() + b"}"
-        self._keys.append(b"$%d\r\n%s\r\n" % (len(key), key))
+        t = b""
+        if terminal:
+            del self._live[chat_id]
+            ttl = self.retain_ttl
+            t = b"1"
+        self._keys.append(live[1])
         last = b"1-%d" % last_id
         f = b"%d" % first
-        t = b"1" if terminal else b""
         self._args.append(
             b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
             % (len(last), last, len(chunk), chunk, len(f), f, len(owner), owner, len(ttl), ttl, len(t), t)
         )
         self._carried.append(stream)
-        if self._writer is None:
+        if self._tick is None and self._writer is None:
+            # Flushes of the next BATCH_DELAY_S go together: one call for all of them (a lookup
+            # elsewhere that finds nothing looks again LATE_START_S later).
+            self._tick = asyncio.get_running_loop().call_later(BATCH_DELAY_S, self._start_writer)
+
+    def _start_writer(self) -> None:
+        self._tick = None
+        if self._writer is None and self._carried:
             self._writer = asyncio.get_running_loop().create_task(self._write())
 
     async def _write(self) -> None:
@@ -223,10 +237,10 @@ class RedisStreams:
                     # The whole call refused (out of memory, a read-only replica): those logs are
                     # incomplete in Redis from now on.
                     for stream in carried:
-                        stream.mirrored = False
+                        self._unmirror(stream)
                     continue
                 for index in reply:  # the entries the script could not add
-                    carried[int(index) - 1].mirrored = False
+                    self._unmirror(carried[int(index) - 1])
         finally:
             self._writer = None
 
@@ -254,12 +268,14 @@ class RedisStreams:
             await conn.disconnect(nowait=True)
             raise
 
-    def _lost(self, carried: list[StreamLog | None], why: str) -> None:
-        for stream in carried:
-            if stream is not None:
-                stream.mirrored = False
-        for stream in self._carried:
-            stream.mirrored = False
+    def _unmirror(self, stream: StreamLog) -> None:
+        """A write of this stream's was lost: its log in Redis is incomplete, so no more of it."""
+        stream.mirrored = False
+        self._live.pop(stream.chat_id, None)
+
+    def _lost(self, carried: list[StreamLog], why: str) -> None:
+        for stream in (*carried, *self._carried):
+            self._unmirror(stream)
         self._keys, self._args, self._carried = [], [], []
         if self.up:
             self.up = False
@@ -300,14 +316,20 @@ class RedisStreams:
                     await pubsub.aclose()
 
     async def _head_and_tail(self, chat_id: str, owner: str) -> tuple[bytes, list[Any]] | None:
-        """The stream's key and its last entry, if the caller's; None if no such stream of its."""
+        """The stream's key and its last entry, if the caller's; None if no such stream of its. A
+        stream not there is looked for once more a moment later: its `start` may still be on its
+        way to Redis (a reader faster than the generating instance's write)."""
         key = _key(chat_id)
         try:
-            async with asyncio.timeout(LOOKUP_TIMEOUT_S):
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.xrange(key, count=1)
-                    pipe.xrevrange(key, count=1)
-                    head, tail = await pipe.execute()
+            for attempt in range(2):
+                async with asyncio.timeout(LOOKUP_TIMEOUT_S):
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        pipe.xrange(key, count=1)
+                        pipe.xrevrange(key, count=1)
+                        head, tail = await pipe.execute()
+                if head or attempt:
+                    break
+                await asyncio.sleep(LATE_START_S)
         except (RedisError, OSError, TimeoutError):
             return None
         if not head or head[0][1].get(b"o") != _owner(owner):
@@ -342,12 +364,16 @@ class RedisStreams:
         return RemoteResume(self, key, after, heartbeat_s, nothing_left=ended and after >= last_id)
 
     async def aclose(self) -> None:
-        self._closing = True
+        """The last flushes (the drain's `shutting_down` events, say) are written before closing."""
         for task in tuple(self._tasks):
             task.cancel()
+        if self._tick is not None:
+            self._tick.cancel()
+            self._start_writer()
         if self._writer is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(asyncio.shield(self._writer), WRITE_TIMEOUT_S)
+        self._closing = True
         if self._writer_conn is not None:
             await self._writer_conn.disconnect()
         await self.redis.aclose()
