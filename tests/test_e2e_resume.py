@@ -241,7 +241,16 @@ def test_stop_while_the_provider_has_not_answered_yet(srv: Server, fake: FakeUps
 # -- the grace period ----------------------------------------------------------------------------
 
 
+def outcome_count(server: Server, family: str, outcome: str) -> float:
+    """One sample of /metrics (answered to loopback, or with the `srv` fixture's token)."""
+    status, _, body = server.request("GET", "/metrics", headers={"Authorization": "Bearer m"})
+    assert status == 200, status
+    line = f'{family}{{outcome="{outcome}"}}'
+    return float(next(r for r in body.decode().splitlines() if r.startswith(line)).split()[-1])
+
+
 def test_the_grace_expiring_cancels_the_upstream_and_not_before(short: Server, fake: FakeUpstream) -> None:
+    expired = outcome_count(short, "pwachat_stream_events_total", "grace_expired")
     fake.behave("openai", deltas=DELTAS * 5, chunk_interval_s=0.1)
     reader, chat_id = begin(short)
     events(reader.read_events(1))
@@ -257,6 +266,7 @@ def test_the_grace_expiring_cancels_the_upstream_and_not_before(short: Server, f
         assert again.read_head()[0] == 200
         end = check_rest(again.read_rest(), 2)
     assert json.loads(end.data)["finish_reason"] == "cancelled"
+    assert outcome_count(short, "pwachat_stream_events_total", "grace_expired") == expired + 1
 
 
 def test_a_reader_back_within_the_grace_keeps_the_answer_going(short: Server, fake: FakeUpstream) -> None:
@@ -309,23 +319,17 @@ def test_at_most_four_readers_per_stream(srv: Server, fake: FakeUpstream) -> Non
     assert all(t == "".join(DELTAS) for t in texts), texts
 
 
-def test_resumes_and_grace_are_counted_in_metrics(short: Server, srv: Server, fake: FakeUpstream) -> None:
-    def sample(server: Server, name: str, outcome: str) -> float:
-        status, _, body = server.request("GET", "/metrics", headers={"Authorization": "Bearer m"})
-        assert status == 200, status
-        line = f'{name}{{outcome="{outcome}"}}'
-        return float(next(r for r in body.decode().splitlines() if r.startswith(line)).split()[-1])
-
-    ok = sample(srv, "pwachat_stream_resumes_total", "ok")
-    missing = sample(srv, "pwachat_stream_resumes_total", "not_found")
+def test_resumes_are_counted_in_metrics(srv: Server, fake: FakeUpstream) -> None:
+    family = "pwachat_stream_resumes_total"
+    ok, missing = outcome_count(srv, family, "ok"), outcome_count(srv, family, "not_found")
     fake.behave("openai", deltas=DELTAS[:2])
     reader, chat_id = begin(srv)
     with reader.sock:
         reader.read_rest()
     request(srv, "GET", f"/api/chat/stream/{chat_id}", **{"Last-Event-ID": "0"})
     request(srv, "GET", "/api/chat/stream/chat_nope")
-    assert sample(srv, "pwachat_stream_resumes_total", "ok") == ok + 1
-    assert sample(srv, "pwachat_stream_resumes_total", "not_found") == missing + 1
+    assert outcome_count(srv, family, "ok") == ok + 1
+    assert outcome_count(srv, family, "not_found") == missing + 1
 
 
 # -- nothing left behind ---------------------------------------------------------------------------
