@@ -35,17 +35,16 @@ def _fresh_fake(fake: FakeUpstream) -> Iterator[None]:
 
 
 def serve(tmp: Any, fake: FakeUpstream, **env: str) -> Server:
-    return start_server(
-        tmp,
-        OPENAI_API_KEY=OPENAI_KEY,
-        OPENAI_BASE_URL=fake.openai_base_url,
-        UPSTREAM_MAX_RETRIES="0",
-        SSE_HEARTBEAT_S="0.5",
-        RATELIMIT_PER_MINUTE="100000",
-        RATELIMIT_PER_HOUR="100000",
-        RATELIMIT_PER_DAY="100000",
-        **env,
-    )
+    settings = {
+        "OPENAI_API_KEY": OPENAI_KEY,
+        "OPENAI_BASE_URL": fake.openai_base_url,
+        "UPSTREAM_MAX_RETRIES": "0",
+        "SSE_HEARTBEAT_S": "0.5",
+        "RATELIMIT_PER_MINUTE": "100000",
+        "RATELIMIT_PER_HOUR": "100000",
+        "RATELIMIT_PER_DAY": "100000",
+    }
+    return start_server(tmp, **{**settings, **env})
 
 
 @pytest.fixture(scope="module")
@@ -381,3 +380,26 @@ def test_no_grace_turns_resumes_off_and_a_stop_still_works(
         assert runtime(off)["kept_streams"] == 0
     finally:
         stop_server(off)
+
+
+def test_a_resume_gets_heartbeats_and_costs_no_quota(
+    tmp_path_factory: pytest.TempPathFactory, fake: FakeUpstream
+) -> None:
+    tight = serve(tmp_path_factory.mktemp("tight"), fake, RATELIMIT_PER_MINUTE="2")
+    try:
+        fake.behave("openai", deltas=["slow ", "words"], chunk_interval_s=1.6)  # silent > a heartbeat
+        reader, chat_id = begin(tight)
+        reader.sock.close()
+        resumes = [resume_stream(tight, chat_id) for _ in range(3)]
+        for r in resumes[1:]:
+            with r.sock:
+                assert r.read_head()[0] == 200
+        with resumes[0].sock:
+            assert resumes[0].read_head()[0] == 200
+            items = resumes[0].read_rest()
+        assert ("comment", "ping") in [(i.kind, i.name) for i in items]
+        assert delta_text(items) == "slow words" and events(items)[-1].name == "done"
+        status, _, body = request(tight, "GET", "/api/rate-limit")
+        assert status == 200 and body["remaining"]["per_minute"] == 1  # the one POST only
+    finally:
+        stop_server(tight)
