@@ -240,3 +240,39 @@ def test_200_abandoned_streams_leave_no_key_task_or_connection(
     )
     poll(lambda: not stream_keys(client), RETAIN_S + 5, "every stream key expired after its retention")
     assert connections() <= conns + 8  # the lookups' bounded pool at most, never one per stream
+
+
+def test_a_stream_ended_by_a_restart_stays_readable_on_another_instance(
+    tmp_path_factory: pytest.TempPathFactory,
+    pair: tuple[Server, Server],
+    fake: FakeUpstream,
+    redis: RedisServer,
+) -> None:
+    _, b = pair
+    leaving = start_server(
+        tmp_path_factory.mktemp("leaving"),
+        REDIS_URL=redis.url,
+        OPENAI_API_KEY=OPENAI_KEY,
+        OPENAI_BASE_URL=fake.openai_base_url,
+        UPSTREAM_MAX_RETRIES="0",
+        SSE_HEARTBEAT_S="0.5",
+        SHUTDOWN_GRACE_S="1",
+    )
+    try:
+        fake.behave("openai", deltas=DELTAS * 10, chunk_interval_s=0.1)  # far longer than the grace
+        reader, chat_id = begin(leaving)
+        with reader.sock:
+            first = events(reader.read_events(2))
+            leaving.proc.terminate()  # SIGTERM: the drain
+            rest = reader.read_rest()
+        end = events(rest)[-1]
+        assert end.name == "error" and json.loads(end.data)["error"]["code"] == "shutting_down"
+        leaving.proc.wait(timeout=15)
+    finally:
+        stop_server(leaving)
+    again = resume_stream(b, chat_id, f"Last-Event-ID: {first[-1].id}\r\n")
+    with again.sock:
+        assert again.read_head()[0] == 200
+        replay = again.read_rest()
+    assert [e.id for e in events(replay)] == [e.id for e in events(rest)]
+    assert events(replay)[-1].name == "error" and delta_text(replay) == delta_text(rest)
