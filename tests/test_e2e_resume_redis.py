@@ -257,6 +257,9 @@ def test_a_stream_ended_by_a_restart_stays_readable_on_another_instance(
         UPSTREAM_MAX_RETRIES="0",
         SSE_HEARTBEAT_S="0.5",
         SHUTDOWN_GRACE_S="1",
+        RATELIMIT_PER_MINUTE="100000",  # the same caller as every other test here, in the same Redis
+        RATELIMIT_PER_HOUR="100000",
+        RATELIMIT_PER_DAY="100000",
     )
     try:
         fake.behave("openai", deltas=DELTAS * 10, chunk_interval_s=0.1)  # far longer than the grace

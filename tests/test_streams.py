@@ -27,10 +27,9 @@ def test_a_resume_inside_a_flush_gets_exactly_the_events_after_its_id() -> None:
         enc = SseEncoder()
         for body, last in flushes(enc, [2, 3, 1, 4]):
             log.append(body, last, False)
-        whole = b"".join(log.chunks)
+        whole = bytes(log.buf)
         for after in range(-1, enc.next_id):
-            k, head = log.after(after)
-            got = head + b"".join(log.chunks[k:])
+            got = whole[log.after(after) :]
             at = whole.find(b"id: %d\n" % (after + 1)) if after + 1 < enc.next_id else len(whole)
             assert got == whole[at:], after
 

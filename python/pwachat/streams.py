@@ -35,6 +35,7 @@ import bisect
 import collections
 import hmac
 import logging
+from array import array
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -70,14 +71,18 @@ class Mirror(Protocol):
 
 
 class StreamLog:
-    """One stream's events: `chunks[k]` is the k-th flush (one or more whole events, maybe a
-    `: ping`), `last_ids[k]` the id of its last event; chunk 0 starts at id 0 (`start`)."""
+    """One stream's events, as one buffer of every flush in order (each one or more whole events,
+    maybe a `: ping`): flush k ends at `ends[k]` and its last event's id is `last_ids[k]`; flush 0
+    starts at id 0 (`start`). One buffer and two arrays rather than a list of chunks: a few objects
+    per stream whatever its length, none the garbage collector has to walk, and each flush's bytes
+    freed once sent."""
 
     __slots__ = (
+        "buf",
         "chat_id",
-        "chunks",
         "control",
         "ended",
+        "ends",
         "grace_timer",
         "last_ids",
         "mirrored",
@@ -94,8 +99,9 @@ class StreamLog:
         self.chat_id = chat_id
         self.owner = owner
         self.control = control  # cancels the generation's provider request (the relay's)
-        self.chunks: list[bytes] = []
-        self.last_ids: list[int] = []
+        self.buf: bytes | bytearray = bytearray()
+        self.ends = array("Q")
+        self.last_ids = array("q")
         self.size = 0
         self.ended = False
         self.readers = 1  # the original POST
@@ -108,8 +114,10 @@ class StreamLog:
     def ended_from(cls, registry: Streams, chat_id: str, owner: str, body: bytes, last_id: int) -> StreamLog:
         """A retained stream's log again, for one resume (`Streams.get`): one chunk, ended."""
         stream = cls(registry, chat_id, owner, _nothing)
-        stream.chunks = [body] if body else []
-        stream.last_ids = [last_id] if body else []
+        stream.buf = body
+        if body:
+            stream.ends.append(len(body))
+            stream.last_ids.append(last_id)
         stream.size = len(body)
         stream.ended = True
         stream.readers = 0
@@ -119,9 +127,10 @@ class StreamLog:
     def append(self, chunk: bytes, last_id: int, terminal: bool) -> None:
         """One flush of the generation (the relay's): kept, handed to the readers waiting, mirrored."""
         if self.registry.keep:
-            self.chunks.append(chunk)
-            self.last_ids.append(last_id)
+            self.buf += chunk  # type: ignore[operator] - a live stream's buffer is a bytearray
             self.size += len(chunk)
+            self.ends.append(self.size)
+            self.last_ids.append(last_id)
         if self.waiters:
             for waiter in self.waiters:
                 if not waiter.done():
@@ -190,30 +199,37 @@ class StreamLog:
         else:
             self.end_generation("grace_expired")
 
-    def after(self, last_event_id: int) -> tuple[int, bytes]:
-        """Where a reader that has seen `last_event_id` goes on: the index of the next chunk to
-        send, and the part of the one before it that it has not seen (b"" when none)."""
+    def after(self, last_event_id: int) -> int:
+        """Where, in `buf`, a reader that has seen `last_event_id` goes on (`size` when it has
+        everything so far)."""
         k = bisect.bisect_right(self.last_ids, last_event_id)
-        if k >= len(self.chunks):
-            return k, b""
+        if k >= len(self.ends):
+            return self.size
+        start = self.ends[k - 1] if k else 0
         first = self.last_ids[k - 1] + 1 if k else 0
         if first > last_event_id:
-            return k, b""
-        return k + 1, cut_after(self.chunks[k], last_event_id)
+            return start
+        return start + cut_at(self.buf[start : self.ends[k]], last_event_id)
 
 
 #: What a retained stream takes besides its events: its record, id, and entries in the registry.
 RECORD_OVERHEAD = 400
 
 
-def cut_after(chunk: bytes, last_event_id: int) -> bytes:
-    """The events of `chunk` after `last_event_id` (which `chunk` holds): each event starts with
-    its `id:` line, which only an event's first line can be (`data` never holds a raw newline)."""
+def cut_at(chunk: bytes | bytearray, last_event_id: int) -> int:
+    """Where, in `chunk` (one flush, holding `last_event_id`), the events after it start: each
+    event starts with its `id:` line, which only an event's first line can be (`data` never holds
+    a raw newline). `len(chunk)` when none follows."""
     marker = _id_line % (last_event_id + 1)
     if chunk.startswith(marker):
-        return chunk
+        return 0
     at = chunk.find(b"\n" + marker)
-    return chunk[at + 1 :] if at >= 0 else b""
+    return at + 1 if at >= 0 else len(chunk)
+
+
+def cut_after(chunk: bytes, last_event_id: int) -> bytes:
+    """The events of `chunk` after `last_event_id` (see `cut_at`)."""
+    return chunk[cut_at(chunk, last_event_id) :]
 
 
 class Streams:
@@ -253,7 +269,7 @@ class Streams:
         if not self.keep:  # resumes off: nothing to keep it for
             del self.logs[chat_id]
             return
-        body = b"".join(stream.chunks)
+        body = bytes(stream.buf)
         record = (stream.owner, body, stream.last_ids[-1] if stream.last_ids else -1)
         self.logs[chat_id] = record  # type: ignore[assignment]
         held = len(body) + RECORD_OVERHEAD
@@ -335,19 +351,18 @@ async def follow(
     is in the log at once (one send), then each flush as it comes, `: ping` while nothing does.
     The response head has been sent."""
     loop = asyncio.get_running_loop()
-    k, head = stream.after(last_event_id)
-    chunks = stream.chunks
-    pending = [head] if head else []
+    pos = stream.after(last_event_id)
+    pending = b""
     while True:
-        if k < len(chunks):
-            pending.extend(chunks[k:])
-            k = len(chunks)
-        if stream.ended and k >= len(chunks):
-            await send({"type": "http.response.body", "body": b"".join(pending), "more_body": False})
+        if pos < stream.size:
+            pending += stream.buf[pos : stream.size]
+            pos = stream.size
+        if stream.ended:
+            await send({"type": "http.response.body", "body": bytes(pending), "more_body": False})
             return
         if pending:
-            await send({"type": "http.response.body", "body": b"".join(pending), "more_body": True})
-            pending = []
+            await send({"type": "http.response.body", "body": bytes(pending), "more_body": True})
+            pending = b""
         waiter: asyncio.Future[None] = loop.create_future()
         stream.waiters.append(waiter)
         await asyncio.wait((waiter, gone), timeout=heartbeat_s, return_when="FIRST_COMPLETED")
@@ -355,5 +370,5 @@ async def follow(
             return
         if not waiter.done():
             waiter.cancel()
-            if k >= len(chunks) and not stream.ended:
-                pending.append(PING)
+            if pos >= stream.size and not stream.ended:
+                pending += PING
