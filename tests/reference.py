@@ -171,6 +171,18 @@ class SlidingLog:
         return False
 
 
+def window_wait_ms(limit: int, w: int, e: int, prev: int, cur: int, cost: int) -> int | None:
+    """Milliseconds from `e` ms into a bucket of `w` ms until `cost` fits under `limit`, or None
+    if it never does (rust/src/window.rs, which the limiter and the token budget share)."""
+    if prev * (w - e) + (cur + cost) * w <= limit * w:
+        return 0
+    if cost > limit:
+        return None
+    if cur + cost <= limit:
+        return w - ((limit - cost - cur) * w) // prev - e
+    return (w - e) + w - ((limit - cost) * w) // cur
+
+
 @dataclass(frozen=True)
 class RefWindow:
     limit: int
@@ -222,14 +234,6 @@ class SlidingWindowCounter:
             views.append((bucket, t - bucket * w, prev, cur))
         return views
 
-    @staticmethod
-    def _wait_ms(limit: int, w: int, e: int, prev: int, cur: int) -> int:
-        if prev * (w - e) + (cur + 1) * w <= limit * w:
-            return 0
-        if cur < limit:
-            return w - ((limit - 1 - cur) * w) // prev - e
-        return (w - e) + w - ((limit - 1) * w) // cur
-
     def _decide(self, key: str, now: float, consume: bool) -> RefDecision:
         t = now_ms(now)
         views = self._views(key, t)
@@ -243,7 +247,7 @@ class SlidingWindowCounter:
         out = []
         longest = 0
         for (limit, w), (_, e, prev, cur) in zip(self.windows, views, strict=True):
-            wait = self._wait_ms(limit, w, e, prev, cur)
+            wait = window_wait_ms(limit, w, e, prev, cur, 1) or 0
             longest = max(longest, wait)
             remaining = max(0, limit * w - prev * (w - e) - cur * w) // w
             out.append(RefWindow(limit, w // 1000, remaining, -(-wait // 1000)))
@@ -255,6 +259,118 @@ class SlidingWindowCounter:
 
     def peek(self, key: str, now: float) -> RefDecision:
         return self._decide(key, now, consume=False)
+
+
+U64_MAX = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class RefBudgetDecision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_s: int
+    retry_after: int
+    bucket: int
+
+
+class TokenBudgetRef:
+    """The token budget of rust/src/budget.rs in plain Python, key table included: keys in least
+    recently used order (a dict's order), the expired dropped from the front on each write, the
+    least recent evicted at `max_keys`, no key created for zero counts."""
+
+    def __init__(self, limit: int, window_s: int, max_keys: int = 100_000) -> None:
+        self.limit, self.window_s, self.w, self.max_keys = limit, window_s, window_s * 1000, max_keys
+        # key -> (bucket, prev, cur, expires_ms), least recently used first
+        self.keys: dict[str, tuple[int, int, int, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _view(self, key: str, t: int) -> list[int]:
+        """[bucket, elapsed_ms, prev, cur] at `t`."""
+        w, bucket = self.w, t // self.w
+        if key not in self.keys:
+            return [bucket, t - bucket * w, 0, 0]
+        k_bucket, prev, cur, _ = self.keys[key]
+        if bucket < k_bucket:  # the clock went back: the key's latest bucket, at its start
+            return [k_bucket, 0, prev, cur]
+        gap = bucket - k_bucket
+        if gap == 1:
+            prev, cur = cur, 0
+        elif gap > 1:
+            prev, cur = 0, 0
+        return [bucket, t - bucket * w, prev, cur]
+
+    def _fits(self, view: list[int], cost: int) -> bool:
+        _, e, prev, cur = view
+        return prev * (self.w - e) + (cur + cost) * self.w <= self.limit * self.w
+
+    def _decision(self, view: list[int], allowed: bool, tokens: int) -> RefBudgetDecision:
+        bucket, e, prev, cur = view
+        w, limit = self.w, self.limit
+        remaining = max(0, limit * w - prev * (w - e) - cur * w) // w
+        reset = -(-(window_wait_ms(limit, w, e, prev, cur, 1) or 0) // 1000)
+        retry_after = 0
+        if not allowed:
+            wait = window_wait_ms(limit, w, e, prev, cur, tokens)
+            retry_after = max(1, self.window_s if wait is None else -(-wait // 1000))
+        return RefBudgetDecision(allowed, limit, remaining, reset, retry_after, bucket)
+
+    def _lookup(self, key: str, t: int) -> list[int]:
+        while self.keys:
+            front = next(iter(self.keys))
+            if t < self.keys[front][3]:
+                break
+            del self.keys[front]
+        return self._view(key, t)
+
+    def _write(self, key: str, view: list[int]) -> None:
+        bucket, _, prev, cur = view
+        expires = (bucket + 2) * self.w
+        if key in self.keys:
+            expires = max(expires, self.keys.pop(key)[3])
+        elif prev == cur == 0:
+            return
+        elif len(self.keys) >= self.max_keys:
+            del self.keys[next(iter(self.keys))]
+        self.keys[key] = (bucket, prev, cur, expires)
+
+    def reserve(self, key: str, tokens: int, now: float) -> RefBudgetDecision:
+        view = self._lookup(key, now_ms(now))
+        allowed = self._fits(view, tokens)
+        if allowed:
+            view[3] += tokens
+            self._write(key, view)
+        elif key in self.keys:
+            self.keys[key] = self.keys.pop(key)
+        return self._decision(view, allowed, tokens)
+
+    def peek(self, key: str, now: float, tokens: int = 1) -> RefBudgetDecision:
+        view = self._view(key, now_ms(now))
+        return self._decision(view, self._fits(view, tokens), tokens)
+
+    def settle(self, key: str, bucket: int, reserved: int, used: int, now: float) -> None:
+        view = self._lookup(key, now_ms(now))
+        if bucket == view[0]:
+            at = 3
+        elif bucket == view[0] - 1:
+            at = 2
+        else:
+            return
+        view[at] = min(U64_MAX, max(0, view[at] + used - reserved))
+        self._write(key, view)
+
+    def charge(self, key: str, tokens: int, now: float) -> None:
+        view = self._lookup(key, now_ms(now))
+        view[3] = min(U64_MAX, view[3] + tokens)
+        self._write(key, view)
+
+    def sync(self, key: str, now: float, prev: int, cur: int, tokens: int = 0) -> RefBudgetDecision:
+        view = self._lookup(key, now_ms(now))
+        view[2], view[3] = prev, cur
+        self._write(key, view)
+        return self._decision(view, self._fits(view, tokens), tokens)
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ from typing import Self, final
 # constructors as `__new__` is what stubtest checks against (as pydantic-core does).
 
 __all__ = [
+    "BudgetDecision",
     "Decision",
     "PanicException",
     "RateLimiter",
     "SanitizeError",
     "SseEncoder",
     "SseFieldError",
+    "TokenBudget",
     "UpstreamFormatError",
     "UpstreamParser",
     "WindowState",
@@ -145,4 +147,61 @@ class RateLimiter:
     def check(self, key: str, now: float | None = None) -> Decision: ...
     def peek(self, key: str, now: float | None = None) -> Decision: ...
     def sync(self, key: str, now: float, counts: list[tuple[int, int]], allowed: bool) -> Decision: ...
+    def __len__(self) -> int: ...
+
+@final
+class BudgetDecision:
+    """What a ``TokenBudget`` reserve, peek or sync decided."""
+
+    @property
+    def allowed(self) -> bool: ...
+    @property
+    def limit(self) -> int: ...
+    @property
+    def remaining(self) -> int:
+        """Tokens left (after this reservation, when admitted): ``floor(limit - estimate)``, >= 0."""
+    @property
+    def reset_s(self) -> int:
+        """Whole seconds until one more token fits; 0 while one does."""
+    @property
+    def retry_after(self) -> int:
+        """0 when admitted; else whole seconds (>= 1) until the tokens asked for fit, or the
+        window's length when they never can (more than ``limit``: refuse those outright)."""
+    @property
+    def bucket(self) -> int:
+        """The bucket the reservation went into (or would have): ``settle``'s ``bucket``."""
+
+@final
+class TokenBudget:
+    """A sliding-window token budget per key (rust/src/budget.rs): epoch-aligned buckets of
+    ``window_s``, the previous one fading linearly, as ``RateLimiter`` counts requests.
+
+    ``now`` is seconds since the epoch (the system clock when None); NaN, infinities and
+    negative values raise ValueError. Counts are integers below 2**64 and saturate there; a
+    negative count or bucket out of range raises OverflowError. At most ``max_keys`` keys are
+    held: a new one evicts the least recently used, whose counts are forgotten (it errs
+    towards admitting), and keys whose both buckets have expired are dropped. Thread safe.
+    """
+
+    def __new__(cls, limit: int, window_s: int = 86400, *, max_keys: int = 100_000) -> Self:
+        """ValueError unless ``1 <= limit < 2**63``, ``1 <= window_s <= 2**40`` and
+        ``max_keys >= 1`` (a budget of 0 is no budget: turn budgets off instead)."""
+    def reserve(self, key: str, tokens: int, now: float | None = None) -> BudgetDecision:
+        """Admitted iff the estimate (previous bucket weighted + current) + ``tokens`` <= limit;
+        then the current bucket counts them. A refused reserve changes no count."""
+    def settle(self, key: str, bucket: int, reserved: int, used: int, now: float | None = None) -> None:
+        """Replaces a reservation of ``reserved`` made in ``bucket`` (``BudgetDecision.bucket``)
+        by ``used``: that bucket += used - reserved (not below 0) if it is still the current or
+        the previous one; an older bucket no longer counts and nothing changes. Call it once per
+        admitted reserve, with the tokens actually used (0 when nothing was produced)."""
+    def peek(self, key: str, now: float | None = None, *, tokens: int = 1) -> BudgetDecision:
+        """The decision ``reserve(key, tokens, now)`` would make, reserving nothing."""
+    def sync(self, key: str, now: float, prev: int, cur: int, *, tokens: int = 0) -> BudgetDecision:
+        """Writes a shared store's (Redis's) counts for the buckets ``now`` falls in in place of
+        this process's, and returns the decision for ``tokens`` more on top of them: 0 after
+        the store admitted a reservation (its counts include it), the refused tokens after it
+        refused one (for ``retry_after``). Unlike ``RateLimiter.sync`` the store's counts win
+        even when lower: other processes' settles lower them."""
+    def charge(self, key: str, tokens: int, now: float | None = None) -> None:
+        """Counts ``tokens`` in the current bucket without checking (reconciliation)."""
     def __len__(self) -> int: ...

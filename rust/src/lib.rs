@@ -3,12 +3,14 @@
 
 use pyo3::prelude::*;
 
+pub mod budget;
 pub mod limiter;
 mod lru;
 pub mod sanitize;
 pub mod sse;
 pub mod upstream;
 pub mod usage;
+mod window;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -23,6 +25,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     upstream::init(m)?;
     sanitize::init(m)?;
     limiter::init(m)?;
+    budget::init(m)?;
     usage::init(m)?;
     Ok(())
 }

@@ -16,7 +16,9 @@
 //!
 //! Arithmetic is exact: time is taken in whole milliseconds and the
 //! comparison is `prev * (w_ms - e_ms) + (cur + 1) * w_ms <= L * w_ms` in
-//! 128-bit integers, so there is no float error at the boundary.
+//! 128-bit integers, so there is no float error at the boundary. That
+//! arithmetic lives in `window.rs`, shared with the token budget
+//! (`budget.rs`): this limiter is a budget where every request costs 1.
 //!
 //! # The bound
 //!
@@ -54,9 +56,9 @@
 
 use std::fmt;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::lru::Keys;
+use crate::window::{self, Counter, SlidingWindow, View, ceil_seconds};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
@@ -92,105 +94,6 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-#[derive(Debug, Clone, Copy)]
-struct WindowSpec {
-    limit: u32,
-    window_s: u64,
-    window_ms: i64,
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Counter {
-    pub(crate) bucket: i64,
-    pub(crate) prev: u32,
-    pub(crate) cur: u32,
-}
-
-/// A counter seen at one instant: the bucket that instant falls in, the
-/// milliseconds elapsed in it and the counts that apply.
-#[derive(Debug, Clone, Copy)]
-struct View {
-    bucket: i64,
-    elapsed: i64,
-    prev: u32,
-    cur: u32,
-}
-
-impl Counter {
-    fn fresh(window_ms: i64, now_ms: i64) -> Self {
-        Self {
-            bucket: now_ms.div_euclid(window_ms),
-            prev: 0,
-            cur: 0,
-        }
-    }
-
-    fn view(self, window_ms: i64, now_ms: i64) -> View {
-        let bucket = now_ms.div_euclid(window_ms);
-        if bucket < self.bucket {
-            return View {
-                bucket: self.bucket,
-                elapsed: 0,
-                prev: self.prev,
-                cur: self.cur,
-            };
-        }
-        let (prev, cur) = match bucket - self.bucket {
-            0 => (self.prev, self.cur),
-            1 => (self.cur, 0),
-            _ => (0, 0),
-        };
-        View {
-            bucket,
-            elapsed: now_ms - bucket * window_ms,
-            prev,
-            cur,
-        }
-    }
-}
-
-impl WindowSpec {
-    /// `estimate * w_ms`, exact.
-    fn scaled_estimate(self, v: View) -> i128 {
-        let w = i128::from(self.window_ms);
-        i128::from(v.prev) * (w - i128::from(v.elapsed)) + i128::from(v.cur) * w
-    }
-
-    fn has_room(self, v: View) -> bool {
-        let w = i128::from(self.window_ms);
-        self.scaled_estimate(v) + w <= i128::from(self.limit) * w
-    }
-
-    /// `max(0, floor(L - estimate))`.
-    fn remaining(self, v: View) -> u64 {
-        let w = i128::from(self.window_ms);
-        let room = i128::from(self.limit) * w - self.scaled_estimate(v);
-        floor_div(room.max(0), w) as u64
-    }
-
-    /// Milliseconds until this window admits one more request if no other
-    /// request is admitted meanwhile (the estimate only falls with time).
-    fn wait_ms(self, v: View) -> i128 {
-        if self.has_room(v) {
-            return 0;
-        }
-        let w = i128::from(self.window_ms);
-        let limit = i128::from(self.limit);
-        let (prev, cur, e) = (i128::from(v.prev), i128::from(v.cur), i128::from(v.elapsed));
-        if cur < limit {
-            // Room comes in this bucket once prev's weight has fallen far
-            // enough: prev * (w - e') <= (L - 1 - cur) * w. prev > 0 here, or
-            // there would be room already.
-            let first_ok = w - floor_div((limit - 1 - cur) * w, prev);
-            first_ok - e
-        } else {
-            // Full bucket: in the next one, cur becomes prev and must fade
-            // until cur * (w - e') <= (L - 1) * w.
-            (w - e) + w - floor_div((limit - 1) * w, cur)
-        }
-    }
-}
-
 /// One window's state as a decision reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WindowStatus {
@@ -221,22 +124,8 @@ impl Outcome {
     }
 }
 
-/// `a.div_euclid(b)` for `b > 0`, in 64 bits whenever both fit: a 128-bit
-/// division is a slow library call, and with real windows (a day is 8.64e7 ms)
-/// the operands always fit, so the wide path is only a guard.
-fn floor_div(a: i128, b: i128) -> i128 {
-    match (i64::try_from(a), i64::try_from(b)) {
-        (Ok(a), Ok(b)) => i128::from(a.div_euclid(b)),
-        _ => a.div_euclid(b),
-    }
-}
-
-fn ceil_seconds(ms: i128) -> u64 {
-    floor_div(ms.max(0) + 999, 1000) as u64
-}
-
 pub struct Limiter {
-    windows: Vec<WindowSpec>,
+    windows: Vec<SlidingWindow>,
     max_keys: usize,
     keys: Keys,
 }
@@ -256,18 +145,12 @@ impl Limiter {
         let windows = windows
             .iter()
             .map(|&(limit, window_s)| {
+                // Limits stay within u32: the Redis side's replies are checked as such.
                 let limit = u32::try_from(limit)
                     .ok()
                     .filter(|&l| l >= 1)
                     .ok_or(ConfigError::BadLimit)?;
-                if !(1..=1 << 40).contains(&window_s) {
-                    return Err(ConfigError::BadWindow);
-                }
-                Ok(WindowSpec {
-                    limit,
-                    window_s: window_s as u64,
-                    window_ms: window_s * 1000,
-                })
+                SlidingWindow::new(u64::from(limit), window_s).ok_or(ConfigError::BadWindow)
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
@@ -288,8 +171,7 @@ impl Limiter {
     fn views(&self, counters: Option<&[Counter]>, now_ms: i64) -> [Option<View>; MAX_WINDOWS] {
         let mut views = [None; MAX_WINDOWS];
         for (i, w) in self.windows.iter().enumerate() {
-            let counter = counters.map_or_else(|| Counter::fresh(w.window_ms, now_ms), |c| c[i]);
-            views[i] = Some(counter.view(w.window_ms, now_ms));
+            views[i] = Some(w.view(counters.map(|c| c[i]), now_ms));
         }
         views
     }
@@ -304,10 +186,11 @@ impl Limiter {
         };
         let mut longest_wait = 0;
         for (i, (w, v)) in self.windows.iter().zip(views.iter().flatten()).enumerate() {
-            let wait = w.wait_ms(*v);
+            // A limit is >= 1, so one request always fits some day.
+            let wait = w.wait_ms(*v, 1).unwrap_or_default();
             longest_wait = longest_wait.max(wait);
             out.windows[i] = WindowStatus {
-                limit: u64::from(w.limit),
+                limit: w.limit,
                 window_s: w.window_s,
                 remaining: w.remaining(*v),
                 reset_s: ceil_seconds(wait),
@@ -333,13 +216,13 @@ impl Limiter {
             .windows
             .iter()
             .zip(views.iter().flatten())
-            .all(|(w, v)| w.has_room(*v));
+            .all(|(w, v)| w.fits(*v, 1));
         self.outcome(allowed, &views)
     }
 
     /// Decides, and when admitted consumes one request in every window.
     pub fn check(&mut self, key: &str, now_ms: i64) -> Outcome {
-        self.drop_expired(now_ms);
+        self.keys.drop_expired(now_ms);
         let hash = self.keys.hash(key);
         let slot = self.keys.find(hash, key);
         let mut views = self.views(slot.map(|s| self.keys.counters(s)), now_ms);
@@ -347,7 +230,7 @@ impl Limiter {
             .windows
             .iter()
             .zip(views.iter().flatten())
-            .all(|(w, v)| w.has_room(*v));
+            .all(|(w, v)| w.fits(*v, 1));
         if allowed {
             let mut counters = [Counter::default(); MAX_WINDOWS];
             let mut expires_ms = i64::MIN;
@@ -358,14 +241,17 @@ impl Limiter {
                 .zip(counters.iter_mut())
             {
                 v.cur += 1;
-                *c = Counter {
-                    bucket: v.bucket,
-                    prev: v.prev,
-                    cur: v.cur,
-                };
-                expires_ms = expires_ms.max((v.bucket + 2).saturating_mul(w.window_ms));
+                *c = v.counter();
+                expires_ms = expires_ms.max(w.expires_ms(v.bucket));
             }
-            self.store(hash, slot, key, &counters[..self.windows.len()], expires_ms);
+            self.keys.put(
+                hash,
+                slot,
+                key,
+                &counters[..self.windows.len()],
+                expires_ms,
+                self.max_keys,
+            );
         } else if let Some(slot) = slot {
             // Refused callers still count as recent: evicting a caller that
             // keeps hammering would hand it a fresh quota.
@@ -396,7 +282,7 @@ impl Limiter {
         if counts.len() != self.windows.len() {
             return None;
         }
-        self.drop_expired(now_ms);
+        self.keys.drop_expired(now_ms);
         let hash = self.keys.hash(key);
         let slot = self.keys.find(hash, key);
         let mut views = self.views(slot.map(|s| self.keys.counters(s)), now_ms);
@@ -409,45 +295,20 @@ impl Limiter {
             .zip(counts)
             .zip(counters.iter_mut())
         {
-            v.prev = v.prev.max(prev);
-            v.cur = v.cur.max(cur);
-            *c = Counter {
-                bucket: v.bucket,
-                prev: v.prev,
-                cur: v.cur,
-            };
-            expires_ms = expires_ms.max((v.bucket + 2).saturating_mul(w.window_ms));
+            v.prev = v.prev.max(u64::from(prev));
+            v.cur = v.cur.max(u64::from(cur));
+            *c = v.counter();
+            expires_ms = expires_ms.max(w.expires_ms(v.bucket));
         }
-        self.store(hash, slot, key, &counters[..self.windows.len()], expires_ms);
+        self.keys.put(
+            hash,
+            slot,
+            key,
+            &counters[..self.windows.len()],
+            expires_ms,
+            self.max_keys,
+        );
         Some(self.outcome(allowed, &views))
-    }
-
-    /// `slot` is where `key` was found (after `drop_expired`), if anywhere.
-    fn store(
-        &mut self,
-        hash: u64,
-        slot: Option<u32>,
-        key: &str,
-        counters: &[Counter],
-        expires_ms: i64,
-    ) {
-        if let Some(slot) = slot {
-            self.keys.update(slot, counters, expires_ms);
-            return;
-        }
-        if self.keys.len() >= self.max_keys {
-            self.keys.pop_front();
-        }
-        self.keys.insert(hash, key, counters, expires_ms);
-    }
-
-    fn drop_expired(&mut self, now_ms: i64) {
-        while let Some((_, expires_ms)) = self.keys.front() {
-            if now_ms < expires_ms {
-                break;
-            }
-            self.keys.pop_front();
-        }
     }
 }
 
@@ -463,19 +324,10 @@ impl From<ConfigError> for PyErr {
 
 fn now_ms(now: Option<f64>) -> PyResult<i64> {
     match now {
-        None => {
-            let since_epoch = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_err(|_| PyValueError::new_err("the system clock is before 1970"))?;
-            Ok(since_epoch.as_millis() as i64)
-        }
-        // 2**53 ms keeps the float -> integer step exact and far from overflow.
-        Some(now) if now.is_finite() && (now * 1000.0).abs() < 9.0e15 => {
-            Ok((now * 1000.0).floor() as i64)
-        }
-        Some(_) => Err(PyValueError::new_err(
-            "now must be a finite number of seconds",
-        )),
+        None => window::system_now_ms()
+            .ok_or_else(|| PyValueError::new_err("the system clock is before 1970")),
+        Some(now) => window::seconds_to_ms(now)
+            .ok_or_else(|| PyValueError::new_err("now must be a finite number of seconds")),
     }
 }
 

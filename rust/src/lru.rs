@@ -1,4 +1,4 @@
-//! The limiter's key table: string keys in least-recently-used order, with
+//! The key table of the limiter and the token budget: string keys in least-recently-used order, with
 //! their counters, in one slab.
 //!
 //! A general insertion-ordered map (hashlink's `LinkedHashMap`) allocates a
@@ -14,7 +14,7 @@ use std::hash::BuildHasher;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 
-use crate::limiter::Counter;
+use crate::window::Counter;
 
 const NIL: u32 = u32::MAX;
 
@@ -125,6 +125,39 @@ impl Keys {
         self.len += 1;
     }
 
+    /// Writes `counters` for `key`, found at `slot` (if anywhere, after
+    /// `drop_expired`), as the most recently used; a new key evicts the least
+    /// recently used one when `max_keys` are held.
+    pub fn put(
+        &mut self,
+        hash: u64,
+        slot: Option<u32>,
+        key: &str,
+        counters: &[Counter],
+        expires_ms: i64,
+        max_keys: usize,
+    ) {
+        if let Some(slot) = slot {
+            self.update(slot, counters, expires_ms);
+            return;
+        }
+        if self.len >= max_keys {
+            self.pop_front();
+        }
+        self.insert(hash, key, counters, expires_ms);
+    }
+
+    /// Forgets keys from the least recently used end while their every bucket
+    /// has expired: amortised O(1) per call.
+    pub fn drop_expired(&mut self, now_ms: i64) {
+        while let Some((_, expires_ms)) = self.front() {
+            if now_ms < expires_ms {
+                break;
+            }
+            self.pop_front();
+        }
+    }
+
     /// Forgets the least recently used key.
     pub fn pop_front(&mut self) {
         let slot = self.head;
@@ -177,7 +210,7 @@ impl Keys {
 mod tests {
     use super::*;
 
-    fn c(n: u32) -> [Counter; 1] {
+    fn c(n: u64) -> [Counter; 1] {
         [Counter {
             bucket: 0,
             prev: 0,
@@ -195,7 +228,7 @@ mod tests {
         out
     }
 
-    fn add(keys: &mut Keys, key: &str, n: u32) {
+    fn add(keys: &mut Keys, key: &str, n: u64) {
         let h = keys.hash(key);
         assert!(keys.find(h, key).is_none());
         keys.insert(h, key, &c(n), 0);
@@ -205,7 +238,7 @@ mod tests {
     fn keeps_least_recently_used_order_and_reuses_slots() {
         let mut keys = Keys::new();
         for (i, k) in ["a", "b", "c"].iter().enumerate() {
-            add(&mut keys, k, u32::try_from(i).unwrap());
+            add(&mut keys, k, u64::try_from(i).unwrap());
         }
         assert_eq!(order(&keys), ["a", "b", "c"]);
         let b = keys.find(keys.hash("b"), "b").unwrap();
@@ -240,14 +273,14 @@ mod tests {
     #[test]
     fn many_keys_survive_growth_and_churn() {
         let mut keys = Keys::new();
-        for i in 0..5_000u32 {
+        for i in 0..5_000u64 {
             add(&mut keys, &format!("k{i}"), i);
             if keys.len() > 1_000 {
                 keys.pop_front();
             }
         }
         assert_eq!(keys.len(), 1_000);
-        for i in 0..5_000u32 {
+        for i in 0..5_000u64 {
             let k = format!("k{i}");
             let found = keys.find(keys.hash(&k), &k);
             assert_eq!(found.is_some(), i >= 4_000, "{k}");
