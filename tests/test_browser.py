@@ -2,12 +2,19 @@
 
 Playwright's sync API drives Debian's Chromium (never a downloaded browser). One browser per module,
 a fresh context (so fresh localStorage and service workers) per test. Every wait is an explicit
-Playwright wait with a deadline: the page reports its phase in body[data-state].
+Playwright wait with a deadline: the page reports its phase in body[data-state], and an answer's end
+in its bubble's data-finish.
+
+Resumed answers: a slow upstream answer (numbered words, one per delta, paced by the fake) is
+interrupted by a reload, by the browser going offline, or by a real drop (tests/cut_proxy.py:
+Chromium's emulated offline leaves an open stream flowing), and must end as the whole answer, each
+word once, from one upstream request.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,10 +26,19 @@ CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is not installed", allow_module_level=True)
 
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import (  # noqa: E402
+    Browser,
+    ConsoleMessage,
+    Page,
+    Request,
+    Response,
+    expect,
+    sync_playwright,
+)
 
+from cut_proxy import CutProxy  # noqa: E402
 from fake_upstream import FakeUpstream  # noqa: E402
-from server import ROOT, Server, start_server, stop_server  # noqa: E402
+from server import ROOT, Server, poll, start_server, stop_server  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -130,6 +146,46 @@ def say_and_answer(page: Page, text: str, answer: str) -> None:
     wait_state(page, "ready")
 
 
+def paced_words(fake: FakeUpstream, n: int, interval_s: float) -> list[str]:
+    """A slow OpenAI answer: `n` numbered words, one per delta, `interval_s` apart. Returns the words."""
+    words = [f"w{i:02d}" for i in range(n)]
+    fake.behave("openai", deltas=[w + " " for w in words], chunk_interval_s=interval_s)
+    return words
+
+
+def answer_words(page: Page) -> list[str]:
+    return (page.locator(ASSISTANT).last.text_content() or "").split()
+
+
+def ask_openai(page: Page, server: Server | str, text: str) -> None:
+    page.goto(server if isinstance(server, str) else url(server))
+    wait_state(page, "ready")
+    page.select_option("#provider", "openai")
+    say(page, text)
+
+
+STREAM_PATH = re.compile(r"/api/chat/stream/(chat_[^/?]+)$")
+STOP_PATH = re.compile(r"/api/chat/stream/(chat_[^/?]+)/stop$")
+
+
+class Streams:
+    """What the page asked of the resume and stop routes, as the browser sent it."""
+
+    def __init__(self, page: Page) -> None:
+        self.resumes: list[str | None] = []  # the Last-Event-ID of each GET /api/chat/stream/{id}
+        self.stops: list[Response] = []  # the answers to POST /api/chat/stream/{id}/stop
+        page.on("request", self._request)
+        page.on("response", self._response)
+
+    def _request(self, request: Request) -> None:
+        if request.method == "GET" and STREAM_PATH.search(request.url):
+            self.resumes.append(request.headers.get("last-event-id"))
+
+    def _response(self, response: Response) -> None:
+        if response.request.method == "POST" and STOP_PATH.search(response.url):
+            self.stops.append(response)
+
+
 class Problems:
     """Console errors (Chromium reports CSP violations there) and uncaught page errors."""
 
@@ -222,7 +278,7 @@ def test_stop_mid_stream_error_and_provider_switch(
     fake.reset()
     open_ready(page, openai_server)
 
-    # Stop: the browser aborts, the server notices and lets go of the upstream.
+    # Stop: the page asks the server to stop, which lets go of the upstream.
     page.select_option("#provider", "openai")
     fake.behave("openai", chunks=40, chunk_interval_s=0.2)
     say(page, "a long answer please")
@@ -306,3 +362,366 @@ def test_answers_are_text_never_html(page: Page, echo_server: Server) -> None:
     say_and_answer(page, markup, f"You said: {markup}")
     assert page.locator("#injected").count() == 0
     assert page.locator("#messages b").count() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Resumable streams and Stop
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_reload_mid_answer_continues_the_same_answer(
+    page: Page, openai_server: Server, fake: FakeUpstream
+) -> None:
+    fake.reset()
+    words = paced_words(fake, 40, 0.1)
+    streams = Streams(page)
+    ask_openai(page, openai_server, "tell me a long story")
+    expect(page.locator(ASSISTANT).last).to_contain_text("w05")
+
+    page.reload()
+    # The question and the answer so far are on screen again, and the answer goes on in that bubble.
+    expect(page.locator(USER)).to_have_text(["tell me a long story"])
+    expect(page.locator(ASSISTANT)).to_have_count(1)
+    expect(page.locator(ASSISTANT).last).to_have_attribute("data-finish", "stop", timeout=TIMEOUT_MS)
+    wait_state(page, "ready")
+    assert answer_words(page) == words
+    expect(page.locator("#status")).to_have_text("")
+    # One resume, from the last event the first page rendered (a delta's id, not the start's 0).
+    assert len(streams.resumes) == 1, streams.resumes
+    assert 5 <= int(streams.resumes[0] or -1) <= len(words), streams.resumes
+    # The provider was asked once: the answer was continued, not asked for again.
+    recs = fake.requests("openai")
+    assert len(recs) == 1 and recs[0]["completed"] and not recs[0]["client_gone"], recs
+
+    # It is history now: another reload shows it once and resumes nothing.
+    page.reload()
+    wait_state(page, "ready")
+    assert answer_words(page) == words
+    assert len(streams.resumes) == 1
+
+
+def test_offline_and_back_mid_answer_continues_it(
+    page: Page, openai_server: Server, fake: FakeUpstream
+) -> None:
+    fake.reset()
+    words = paced_words(fake, 40, 0.1)
+    streams = Streams(page)
+    ask_openai(page, openai_server, "a long answer while I go through a tunnel")
+    expect(page.locator(ASSISTANT).last).to_contain_text("w05")
+
+    page.context.set_offline(True)
+    try:
+        # The page lets its connection go at once (Chromium alone would keep it flowing) and says so.
+        expect(page.locator("#status")).to_contain_text("Offline")
+        # Meanwhile the server goes on generating (its grace period)...
+        fake.wait_for(lambda recs: recs and recs[-1]["deltas_sent"] >= len(answer_words(page)) + 5, timeout=5)
+    finally:
+        page.context.set_offline(False)
+    # ...and once back online the page picks the answer up where it left it.
+    expect(page.locator(ASSISTANT).last).to_have_attribute("data-finish", "stop", timeout=TIMEOUT_MS)
+    wait_state(page, "ready")
+    assert answer_words(page) == words
+    expect(page.locator("#status")).to_have_text("")
+    # Every attempt (some failed while offline) asked for what followed the same rendered event.
+    assert streams.resumes and len(set(streams.resumes)) == 1, streams.resumes
+    assert 5 <= int(streams.resumes[0] or -1) < len(words), streams.resumes
+    recs = fake.requests("openai")
+    assert len(recs) == 1 and recs[0]["completed"] and not recs[0]["client_gone"], recs
+
+
+def test_a_dropped_connection_mid_answer_is_resumed(
+    page: Page, openai_server: Server, fake: FakeUpstream
+) -> None:
+    fake.reset()
+    words = paced_words(fake, 40, 0.1)
+    with CutProxy(openai_server.port) as proxy:
+        streams = Streams(page)
+        ask_openai(page, f"http://127.0.0.1:{proxy.port}/", "a long answer over a bad network")
+        expect(page.locator(ASSISTANT).last).to_contain_text("w05")
+
+        proxy.cut()  # the stream's read fails mid-body; reconnects fail too until restore()
+        expect(page.locator("#status")).to_contain_text("resuming")
+        poll(lambda: proxy.refused >= 2, 10, "the page retrying while the network is down")
+        fake.wait_for(lambda recs: recs and recs[-1]["deltas_sent"] >= len(answer_words(page)) + 5, timeout=5)
+        proxy.restore()
+
+        expect(page.locator(ASSISTANT).last).to_have_attribute("data-finish", "stop", timeout=TIMEOUT_MS)
+        wait_state(page, "ready")
+        assert answer_words(page) == words
+        expect(page.locator("#status")).to_have_text("")
+        assert streams.resumes and len(set(streams.resumes)) == 1, streams.resumes
+    recs = fake.requests("openai")
+    assert len(recs) == 1 and recs[0]["completed"] and not recs[0]["client_gone"], recs
+
+
+def test_stop_asks_the_server_to_stop_and_keeps_the_partial_answer(
+    page: Page, openai_server: Server, fake: FakeUpstream
+) -> None:
+    fake.reset()
+    words = paced_words(fake, 60, 0.1)
+    streams = Streams(page)
+    ask_openai(page, openai_server, "a long answer to stop")
+    expect(page.locator(ASSISTANT).last).to_contain_text("w03")
+
+    page.click("#stop")
+    clicked = time.monotonic()
+    wait_state(page, "ready")
+    expect(page.locator("#status")).to_have_text("Stopped.")
+    # The stream ended with the server's own `cancelled`, not with a local abort.
+    expect(page.locator(ASSISTANT).last).to_have_attribute("data-finish", "cancelled")
+    expect(page.locator(f"{ASSISTANT}.partial")).to_have_count(1)
+    shown = answer_words(page)
+    assert shown and shown == words[: len(shown)] and len(shown) < len(words), shown
+    # (Only the status is read: Response.json() would wait for a body the page may not read.)
+    assert len(streams.stops) == 1 and streams.stops[0].status == 200, streams.stops
+    # The upstream request was cancelled at once (a reader merely leaving would get the 20 s grace).
+    gone = fake.wait_for(lambda recs: [r for r in recs if r["client_gone"]], timeout=5)
+    assert len(gone) == 1 and gone[0]["deltas_sent"] < len(words), gone
+    assert gone[0]["gone_at"] - clicked < 2.0, gone
+
+    # The partial answer is history: after a reload it is there, and nothing is resumed.
+    page.reload()
+    wait_state(page, "ready")
+    assert answer_words(page) == shown
+    assert streams.resumes == []
+
+
+def test_new_chat_while_streaming_stops_the_answer(
+    page: Page, openai_server: Server, fake: FakeUpstream
+) -> None:
+    fake.reset()
+    words = paced_words(fake, 60, 0.1)
+    streams = Streams(page)
+    ask_openai(page, openai_server, "an answer I will abandon")
+    expect(page.locator(ASSISTANT).last).to_contain_text("w03")
+
+    page.click("#new-chat")
+    expect(page.locator("#messages .message")).to_have_count(0)
+    wait_state(page, "ready")
+    gone = fake.wait_for(lambda recs: [r for r in recs if r["client_gone"]], timeout=5)
+    assert len(gone) == 1 and gone[0]["deltas_sent"] < len(words), gone
+    poll(lambda: streams.stops, 5, "the stop route called")
+    assert streams.stops[0].status == 200
+
+    page.reload()
+    wait_state(page, "ready")
+    expect(page.locator("#messages .message")).to_have_count(0)
+    assert streams.resumes == []
+
+
+def test_an_answer_the_server_no_longer_has_keeps_its_partial_text(page: Page, echo_server: Server) -> None:
+    # As a page reloaded after the server forgot the stream (restarted, or past STREAM_RETAIN_S) finds it.
+    streams = Streams(page)
+    page.goto(url(echo_server))
+    page.evaluate(
+        """() => localStorage.setItem('pwachat.pending', JSON.stringify({
+            question: 'an old question', label: 'Echo · echo', id: 'chat_' + 'a'.repeat(24), last: 3,
+            text: 'half an **answer**',
+        }))"""
+    )
+    page.reload()
+    wait_state(page, "ready")
+    status = page.locator("#status")
+    expect(status).to_contain_text("could not be resumed")
+    expect(status).to_have_attribute("data-kind", "error")
+    assert streams.resumes == ["3"]
+    expect(page.locator(USER)).to_have_text(["an old question"])
+    expect(page.locator(f"{ASSISTANT}.partial")).to_have_text(["half an answer"])
+    expect(page.locator(f"{ASSISTANT} strong")).to_have_text("answer")
+    # What arrived is history now, and nothing is left to resume.
+    page.reload()
+    wait_state(page, "ready")
+    expect(page.locator(ASSISTANT)).to_have_text(["half an answer"])
+    assert streams.resumes == ["3"]
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+
+MARKDOWN_ANSWER = """## Steps
+
+Use **bold**, *italic* and `inline code`.
+
+1. first
+2. second
+
+- apple
+- banana
+
+> quoted
+
+```python
+print("hi <b>")
+```
+
+See [the docs](https://example.com/docs) or [bad](javascript:alert(1)).
+
+<script>alert(1)</script> <img src=x onerror=alert(2)> <a href="javascript:alert(3)">a</a>
+"""
+
+
+def test_answers_render_markdown_and_markup_stays_text(
+    page: Page, openai_server: Server, fake: FakeUpstream
+) -> None:
+    fake.reset()
+    # Seven characters a delta: fences, markers and tags arrive cut in pieces, re-rendered as they come.
+    pieces = [MARKDOWN_ANSWER[i : i + 7] for i in range(0, len(MARKDOWN_ANSWER), 7)]
+    fake.behave("openai", deltas=pieces, chunk_interval_s=0.005)
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url(openai_server))
+    problems = Problems(page)
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    ask_openai(page, openai_server, "Some **markdown** <i>please</i>")
+    bubble = page.locator(ASSISTANT).last
+    expect(bubble).to_have_attribute("data-finish", "stop")
+
+    expect(bubble.locator("h2")).to_have_text("Steps")
+    expect(bubble.locator("p strong")).to_have_text("bold")
+    expect(bubble.locator("p em")).to_have_text("italic")
+    expect(bubble.locator("p > code")).to_have_text("inline code")
+    expect(bubble.locator("ol > li")).to_have_text(["first", "second"])
+    expect(bubble.locator("ul > li")).to_have_text(["apple", "banana"])
+    expect(bubble.locator("blockquote")).to_have_text("quoted")
+    code = bubble.locator("pre > code")
+    expect(code).to_have_text('print("hi <b>")')
+    expect(code).to_have_class("language-python")
+    # One link, the safe one, opening in a new tab without handing over the page.
+    links = bubble.locator("a")
+    expect(links).to_have_count(1)
+    expect(links).to_have_attribute("href", "https://example.com/docs")
+    expect(links).to_have_attribute("target", "_blank")
+    expect(links).to_have_attribute("rel", "noopener noreferrer")
+    # Markup and unsafe links are shown as the text they are, and no element came of them.
+    for literal in (
+        "[bad](javascript:alert(1))",
+        "<script>alert(1)</script>",
+        "<img src=x onerror=alert(2)>",
+        '<a href="javascript:alert(3)">a</a>',
+    ):
+        expect(bubble).to_contain_text(literal)
+    assert page.locator("#messages script, #messages img, #messages b, #messages [onerror]").count() == 0
+    assert page.locator('#messages [href^="javascript"]').count() == 0
+    # The question stays plain text.
+    expect(page.locator(USER)).to_have_text(["Some **markdown** <i>please</i>"])
+    assert page.locator(f"{USER} strong, {USER} i").count() == 0
+
+    copy = bubble.locator("button.copy")
+    expect(copy).to_have_count(1)
+    copy.click()
+    expect(copy).to_have_text("Copied")
+    assert page.evaluate("() => navigator.clipboard.readText()") == 'print("hi <b>")'
+
+    # Saved answers are rendered the same after a reload.
+    page.reload()
+    wait_state(page, "ready")
+    expect(page.locator(f"{ASSISTANT} pre > code")).to_have_text('print("hi <b>")')
+    expect(page.locator(f"{ASSISTANT} a")).to_have_count(1)
+    assert page.locator("#messages script, #messages img").count() == 0
+    assert dialogs == []
+    assert problems.items == []
+
+
+LINK = 'target="_blank" rel="noopener noreferrer"'
+CODE_BAR = (
+    '<div class="code-bar"><span class="code-lang">{0}</span>'
+    '<button class="copy" type="button" aria-label="{1}">Copy</button></div>'
+)
+
+MARKDOWN_CASES = [
+    (
+        "plain *em* **strong** ***both*** ~~gone~~",
+        "<p>plain <em>em</em> <strong>strong</strong> <strong><em>both</em></strong> <del>gone</del></p>",
+    ),
+    ("snake_case_name, 2 * 3 * 4 and a*b", "<p>snake_case_name, 2 * 3 * 4 and a*b</p>"),
+    ("**a *b***", "<p><strong>a <em>b</em></strong></p>"),
+    ("\\*not em\\* `*code*` `` a ` b ``", "<p>*not em* <code>*code*</code> <code>a ` b</code></p>"),
+    ("**unclosed and *also", "<p>**unclosed and *also</p>"),
+    ("line one\nline two", "<p>line one<br>line two</p>"),
+    ("# Title\n\n> quoted\n> more", "<h1>Title</h1><blockquote><p>quoted<br>more</p></blockquote>"),
+    ("1. one\n2. two\n   - nested", "<ol><li>one</li><li>two<ul><li>nested</li></ul></li></ol>"),
+    ("3. three\n4. four", '<ol start="3"><li>three</li><li>four</li></ol>'),
+    ("- a\n\n- b", "<ul><li><p>a</p></li><li><p>b</p></li></ul>"),
+    ("Text:\n- a\n- b", "<p>Text:</p><ul><li>a</li><li>b</li></ul>"),
+    ("above\n\n---\n\nbelow", "<p>above</p><hr><p>below</p>"),
+    ("[x](https://example.com/a_b)", f'<p><a href="https://example.com/a_b" {LINK}>x</a></p>'),
+    ('[x](https://example.com "T")', f'<p><a href="https://example.com/" title="T" {LINK}>x</a></p>'),
+    ("[m](mailto:me@example.com)", f'<p><a href="mailto:me@example.com" {LINK}>m</a></p>'),
+    ("<https://example.com/>", f'<p><a href="https://example.com/" {LINK}>https://example.com/</a></p>'),
+    (
+        "see https://example.com/x.",
+        f'<p>see <a href="https://example.com/x" {LINK}>https://example.com/x</a>.</p>',
+    ),
+    ("![a cat](https://example.com/c.png)", f'<p><a href="https://example.com/c.png" {LINK}>a cat</a></p>'),
+    ("[**b**](https://e.com)", f'<p><a href="https://e.com/" {LINK}><strong>b</strong></a></p>'),
+    ("[x](javascript:alert(1))", "<p>[x](javascript:alert(1))</p>"),
+    ("[x](JaVaScRiPt:alert(1))", "<p>[x](JaVaScRiPt:alert(1))</p>"),
+    ("[x](<java\tscript:alert(1)>)", "<p>[x](&lt;java\tscript:alert(1)&gt;)</p>"),
+    ("[x](data:text/html,<b>hi</b>)", "<p>[x](data:text/html,&lt;b&gt;hi&lt;/b&gt;)</p>"),
+    ("[x](vbscript:msgbox(1))", "<p>[x](vbscript:msgbox(1))</p>"),
+    ("[x](/relative)", "<p>[x](/relative)</p>"),
+    ("<javascript:alert(1)>", "<p>&lt;javascript:alert(1)&gt;</p>"),
+    ("<b>bold</b> &amp; <!-- c -->", "<p>&lt;b&gt;bold&lt;/b&gt; &amp;amp; &lt;!-- c --&gt;</p>"),
+    (
+        "```js\nlet a = '<b>';\n```",
+        '<div class="code-block">'
+        + CODE_BAR.format("js", "Copy js code")
+        + "<pre><code class=\"language-js\">let a = '&lt;b&gt;';</code></pre></div>",
+    ),
+    (
+        "```\nstill typing",
+        '<div class="code-block">'
+        + CODE_BAR.format("", "Copy code")
+        + "<pre><code>still typing</code></pre></div>",
+    ),
+    (
+        '```"><img src=x>\nx\n```',
+        '<div class="code-block">'
+        + CODE_BAR.format('"&gt;&lt;img', "Copy &quot;&gt;&lt;img code")
+        + "<pre><code>x</code></pre></div>",
+    ),
+]
+
+
+@pytest.mark.parametrize(("source", "html"), MARKDOWN_CASES)
+def test_markdown_renderer(page: Page, echo_server: Server, source: str, html: str) -> None:
+    """markdown.js on its own: what DOM each piece of Markdown becomes (read back as HTML)."""
+    page.goto(url(echo_server))
+    got = page.evaluate(
+        """async (source) => {
+            const { MarkdownView } = await import('/static/markdown.js');
+            const root = document.createElement('div');
+            new MarkdownView(root).render(source);
+            return root.innerHTML;
+        }""",
+        source,
+    )
+    assert got == html
+
+
+def test_markdown_rerendering_matches_a_fresh_render_and_keeps_finished_blocks(
+    page: Page, echo_server: Server
+) -> None:
+    page.goto(url(echo_server))
+    result = page.evaluate(
+        """async (doc) => {
+            const { MarkdownView } = await import('/static/markdown.js');
+            const live = document.createElement('div');
+            const view = new MarkdownView(live);
+            const firstDone = doc.indexOf('\\n\\n') + 3;
+            let first = null;
+            let kept = true;
+            for (let n = 1; n <= doc.length; n++) {
+                view.render(doc.slice(0, n));
+                if (n < firstDone) continue;
+                first ??= live.firstElementChild;
+                kept &&= live.firstElementChild === first;
+            }
+            const fresh = document.createElement('div');
+            new MarkdownView(fresh).render(doc);
+            return { same: live.innerHTML === fresh.innerHTML, kept, html: live.innerHTML };
+        }""",
+        MARKDOWN_ANSWER,
+    )
+    assert result["same"], result["html"]
+    assert result["kept"]  # the heading was built once, not on every delta

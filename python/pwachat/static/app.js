@@ -1,12 +1,32 @@
-// pwachat reference client: one ES module, no build step, no framework.
+// pwachat reference client: one ES module (and markdown.js), no build step, no framework.
 // The page runs under a strict CSP (no inline script or style), so every handler is wired here,
-// and model output only ever reaches the DOM as text (Text nodes / textContent), never as HTML.
+// and model output only ever reaches the DOM as text (Text nodes / textContent), never as HTML:
+// answers are Markdown built from DOM nodes by markdown.js, questions stay plain text.
+//
+// An answer in progress survives a dropped connection and a reload: its stream id, the last event
+// id rendered and the text so far are kept in localStorage (pwachat.pending), and the page picks
+// the stream up again with GET /api/chat/stream/{id} and Last-Event-ID (the server keeps
+// generating for STREAM_GRACE_S meanwhile). Stop asks the server to stop it.
+
+import { MarkdownView } from './markdown.js';
 
 const HISTORY_MAX = 50; // the contract's default MAX_HISTORY_MESSAGES: more is refused
 const CONTENT_MAX = 4000; // the default MAX_MESSAGE_CHARS, which also bounds each history item
 const STORE_MAX = 200; // kept on screen and in localStorage; only the last HISTORY_MAX are sent
 const RETRY_MS = 10_000;
-const KEY = { history: 'pwachat.history', choice: 'pwachat.choice', token: 'pwachat.token' };
+const RESUME_BACKOFF_MS = [250, 500, 1000, 2000, 4000, 5000]; // then 5 s until GIVE_UP_MS
+// The default STREAM_GRACE_S (20) plus STREAM_RETAIN_S (120), and a margin: after that long the
+// server has forgotten the stream and a resume can only answer 404.
+const GIVE_UP_MS = 150_000;
+const STOP_WAIT_MS = 3000; // after asking the server to stop, how long its `cancelled` done may take
+const STALL_MS = 45_000; // no byte for this long (the server pings every 15 s): the connection is dead
+const SAVE_MS = 250; // the pending answer is written at most this often (and when the page hides)
+const KEY = {
+  history: 'pwachat.history',
+  choice: 'pwachat.choice',
+  token: 'pwachat.token',
+  pending: 'pwachat.pending', // the answer in flight: {question, label, id, last, text}
+};
 
 // WHATWG "interpret an event stream": CR, LF or CRLF end a line, a blank line dispatches,
 // `data` lines join with "\n", comments (the server's ": ping") are ignored, and the last
@@ -47,7 +67,7 @@ export class SSEParser {
     if (field === 'event') this.type = value;
     else if (field === 'data') this.data += value + '\n';
     else if (field === 'id' && !value.includes('\0')) this.lastEventId = value;
-    // `retry` only steers EventSource reconnection, which a POSTed stream never does.
+    // `retry` only steers EventSource reconnection; this page paces its own resumes.
   }
 
   dispatch() {
@@ -64,9 +84,9 @@ let ui; // the page's elements, looked up once in main()
 let models = []; // from GET /api/models; empty means "cannot send"
 let defaultProvider = null;
 let history = []; // [{role, content}] of finished turns, oldest first
-let controller = null; // AbortController of the stream in flight
+let current = null; // the answer in flight (see newTurn), null when idle
 let retryTimer = 0;
-let chat = 0; // bumped by "New chat", so that a stream it aborted does not write into the new one
+let leaving = false; // the page is being unloaded: what is in flight must not touch storage
 
 function load(key, fallback) {
   try {
@@ -81,6 +101,14 @@ function save(key, value) {
     localStorage.setItem(key, JSON.stringify(value));
   } catch {
     // Full or disabled storage: the chat still works, it just will not survive a reload.
+  }
+}
+
+function forget(key) {
+  try {
+    localStorage.removeItem(key);
+  } catch {
+    // Disabled storage holds nothing to forget.
   }
 }
 
@@ -198,7 +226,7 @@ async function loadModels() {
   if (models.length === 0) return unavailable('No provider can answer right now. Retrying…');
   fillPickers();
   if (ui.status.dataset.kind === 'offline') setStatus('');
-  if (!controller) setState('ready');
+  if (!current) setState('ready');
   refreshQuota();
 }
 
@@ -207,7 +235,7 @@ function unavailable(text, retry = true) {
   fillPickers();
   setStatus(text, 'offline');
   ui.retry.hidden = false;
-  if (!controller) setState('unavailable');
+  if (!current) setState('unavailable');
   if (retry) retryTimer = setTimeout(loadModels, RETRY_MS);
 }
 
@@ -217,7 +245,15 @@ function addBubble(role, text, label) {
   const el = document.createElement('div');
   el.className = `message ${role}`;
   el.dataset.label = label ?? (role === 'user' ? 'You' : 'Assistant');
-  el.append(document.createTextNode(text)); // text, never HTML
+  if (role === 'assistant') {
+    const body = document.createElement('div');
+    body.className = 'md';
+    el.append(body);
+    el.view = new MarkdownView(body);
+    el.view.render(text);
+  } else {
+    el.append(document.createTextNode(text)); // a question is shown as typed: text, never HTML
+  }
   ui.messages.append(el);
   return el;
 }
@@ -239,98 +275,294 @@ function keep(...turns) {
   save(KEY.history, history);
 }
 
-async function send(text) {
-  const thisChat = chat;
-  const provider = ui.provider.value;
-  const model = ui.model.value;
-  const userEl = addBubble('user', text);
-  const botEl = addBubble('assistant', '', `${providerLabel(provider)} · ${model}`);
-  const out = botEl.firstChild;
-  botEl.setAttribute('aria-busy', 'true'); // screen readers announce the answer once it is complete
-  scrollDown();
-  setStatus('');
-  controller = new AbortController();
-  setState('streaming');
+// One answer in flight. `id` is the stream's (from its `start` event), `last` the id of the last
+// event rendered and `text` what those events said: the three are saved together, so that a
+// resume asks for exactly what follows what is on screen.
+function newTurn(question, label) {
+  return {
+    question, label, id: null, last: -1, text: '',
+    finish: null, failure: null, stopping: false, detached: false,
+    controller: null, wake: null, progress: false, seen: 0, saveTimer: 0, stopTimer: 0, frame: 0,
+    userEl: addBubble('user', question), botEl: addBubble('assistant', '', label),
+  };
+}
 
-  let answer = '';
-  let failure = null;
-  let finish = null;
-  let res = null;
+function persist(turn) {
+  clearTimeout(turn.saveTimer);
+  turn.saveTimer = 0;
+  if (turn.detached || leaving) return;
+  const { question, label, id, last, text } = turn;
+  save(KEY.pending, { question, label, id, last, text });
+}
+
+function persistSoon(turn) {
+  if (!turn.saveTimer) turn.saveTimer = setTimeout(() => persist(turn), SAVE_MS);
+}
+
+function paint(turn) {
+  cancelAnimationFrame(turn.frame);
+  turn.frame = 0;
+  if (turn.detached) return;
+  const stick = nearBottom(); // follow the answer unless the reader scrolled up
+  turn.botEl.view.render(turn.text);
+  if (stick) scrollDown();
+}
+
+// Deltas come faster than frames: render at most once per frame (a parse of the whole answer,
+// but only the block being written is rebuilt).
+function paintSoon(turn) {
+  if (!turn.frame) turn.frame = requestAnimationFrame(() => paint(turn));
+}
+
+function onEvent(turn, { type, data, lastEventId }) {
+  const id = /^\d+$/.test(lastEventId) ? Number(lastEventId) : null;
+  if (id !== null && id <= turn.last) return; // replayed by a resume: already on screen
+  let payload;
   try {
-    res = await fetch('/api/chat/stream', {
-      method: 'POST',
-      headers: authHeaders({ 'Content-Type': 'application/json', Accept: 'text/event-stream' }),
-      body: JSON.stringify({ message: text, provider, model, history: outgoingHistory() }),
-      signal: controller.signal,
-      cache: 'no-store',
-    });
-    quotaFromHeaders(res);
-    if (!res.ok || !res.body) {
-      failure = await errorText(res);
-    } else {
-      const parser = new SSEParser(({ type, data }) => {
-        let payload;
-        try {
-          payload = JSON.parse(data);
-        } catch {
-          return; // not ours to interpret
-        }
-        if (type === 'start') botEl.dataset.label = `${providerLabel(payload.provider)} · ${payload.model}`;
-        else if (type === 'delta' && payload.content) {
-          const stick = nearBottom(); // follow the answer unless the reader scrolled up
-          answer += payload.content;
-          out.appendData(payload.content);
-          if (stick) scrollDown();
-        } else if (type === 'done') finish = payload.finish_reason || 'stop';
-        else if (type === 'error') failure = payload.error?.message || 'The provider failed mid-answer.';
-      });
-      const reader = res.body.getReader();
-      const decoder = new TextDecoder();
-      while (!finish && !failure) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        parser.feed(decoder.decode(value, { stream: true }));
-      }
-      parser.feed(decoder.decode());
-      reader.cancel().catch(() => {}); // after a terminal event the rest is only the close
-      if (!finish && !failure) failure = 'The connection closed before the answer was complete.';
-    }
-  } catch (err) {
-    if (err.name !== 'AbortError') {
-      failure = res ? 'The connection to the backend was lost.' : 'The backend is unreachable. Check your connection and try again.';
-      if (!res) loadModels(); // re-probe: disables Send and retries if the backend is really gone
+    payload = JSON.parse(data);
+  } catch {
+    return; // not ours to interpret
+  }
+  if (type === 'start') {
+    if (typeof payload.id === 'string') turn.id = payload.id;
+    turn.label = `${providerLabel(payload.provider)} · ${payload.model}`;
+    turn.botEl.dataset.label = turn.label;
+    if (turn.stopping) requestStop(turn); // Stop was pressed before the stream had an id
+  } else if (type === 'delta' && typeof payload.content === 'string' && payload.content) {
+    turn.text += payload.content;
+    paintSoon(turn);
+  } else if (type === 'done') turn.finish = payload.finish_reason || 'stop';
+  else if (type === 'error') turn.failure = payload.error?.message || 'The provider failed mid-answer.';
+  if (id !== null) turn.last = id;
+  turn.progress = true;
+  if (type === 'start') persist(turn);
+  else persistSoon(turn);
+}
+
+// Reads one connection's events until a terminal one, the end of the body, or a failure (thrown).
+async function readStream(turn, res, controller) {
+  const parser = new SSEParser((event) => onEvent(turn, event));
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  turn.seen = Date.now();
+  const watchdog = setInterval(() => Date.now() - turn.seen > STALL_MS && controller.abort(), 5000);
+  try {
+    while (!turn.finish && !turn.failure) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      turn.seen = Date.now();
+      parser.feed(decoder.decode(value, { stream: true })); // an event cut by a drop is asked for again
     }
   } finally {
-    controller = null;
-    botEl.removeAttribute('aria-busy');
-    setState(models.length ? 'ready' : 'unavailable');
+    clearInterval(watchdog);
+    reader.cancel().catch(() => {}); // after a terminal event the rest is only the close
   }
+}
 
-  if (thisChat !== chat) return;
-  const stopped = !finish && !failure;
+// Resolves after `ms`, or at once when the network comes back or the user stops.
+function pause(turn, ms) {
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, ms);
+    function done() {
+      clearTimeout(timer);
+      turn.wake = null;
+      resolve();
+    }
+    turn.wake = done;
+  });
+}
+
+class Retryable extends Error {}
+
+// The POST (`body`), then as many resumes as it takes: until a terminal event, a refusal, a 404,
+// the user's stop, or GIVE_UP_MS without getting through.
+async function run(turn, body) {
+  let lostAt = 0;
+  let attempt = 0;
+  for (;;) {
+    const controller = (turn.controller = new AbortController());
+    turn.progress = false;
+    let res = null;
+    try {
+      if (body !== null) {
+        res = await fetch('/api/chat/stream', {
+          method: 'POST',
+          headers: authHeaders({ 'Content-Type': 'application/json', Accept: 'text/event-stream' }),
+          body,
+          signal: controller.signal,
+          cache: 'no-store',
+        });
+        quotaFromHeaders(res);
+      } else {
+        res = await fetch(`/api/chat/stream/${encodeURIComponent(turn.id)}`, {
+          headers: authHeaders({ Accept: 'text/event-stream', 'Last-Event-ID': String(turn.last) }),
+          signal: controller.signal,
+          cache: 'no-store',
+        });
+      }
+      if (body === null && res.status === 204) {
+        turn.finish = 'stop'; // the stream had ended and every event of it is on screen
+        break;
+      }
+      if (!res.ok || !res.body) {
+        if (body === null && res.status === 404) {
+          turn.failure = 'The answer could not be resumed: the server no longer has it. What arrived is kept.';
+        } else if (body === null && (res.status === 429 || res.status >= 500)) {
+          throw new Retryable(); // too many readers for now, or a server restarting: try again
+        } else turn.failure = await errorText(res);
+        break;
+      }
+      if (body === null && !turn.stopping) setStatus(''); // resumed: the reconnecting note goes
+      await readStream(turn, res, controller);
+      if (turn.finish || turn.failure) break;
+      // The body ended without a terminal event: a proxy or the server let go. Resume.
+    } catch (err) {
+      if (turn.stopping || turn.detached) break; // our own abort: Stop's wait ran out, or New chat
+      if (body !== null && !res && !(err instanceof Retryable)) {
+        // Nothing was committed, so there is nothing to resume.
+        turn.failure = 'The backend is unreachable. Check your connection and try again.';
+        loadModels(); // re-probe: disables Send and retries if the backend is really gone
+        break;
+      }
+    }
+    if (turn.stopping || turn.detached || leaving) break;
+    if (turn.id === null) {
+      turn.failure = 'The connection to the backend was lost.';
+      break;
+    }
+    body = null;
+    if (!lostAt || turn.progress) {
+      lostAt = Date.now(); // that connection got somewhere: a fresh start for the backoff
+      attempt = 0;
+    }
+    if (Date.now() - lostAt > GIVE_UP_MS) {
+      turn.failure = 'The answer could not be resumed: the connection stayed down too long. What arrived is kept.';
+      break;
+    }
+    const note = navigator.onLine
+      ? 'Connection lost — resuming the answer…'
+      : 'Offline — the answer will resume when the connection is back.';
+    setStatus(note, 'reconnecting');
+    await pause(turn, RESUME_BACKOFF_MS[Math.min(attempt, RESUME_BACKOFF_MS.length - 1)]);
+    attempt += 1;
+    if (turn.stopping || turn.detached) break;
+  }
+  end(turn);
+}
+
+function requestStop(turn) {
+  fetch(`/api/chat/stream/${encodeURIComponent(turn.id)}/stop`, {
+    method: 'POST',
+    headers: authHeaders({ 'Content-Type': 'application/json' }),
+    body: '{}',
+    cache: 'no-store',
+  })
+    .then((res) => res.json()) // {"stopped": false} when it had ended: its terminal event is coming
+    .catch(() => {}); // unreachable or refused: the local abort in stopTurn ends it anyway
+}
+
+// Ask the server to stop (every reader then gets `done` with `cancelled`); if that does not come
+// within STOP_WAIT_MS, let go locally.
+function stopTurn(turn) {
+  if (turn.stopping) return;
+  turn.stopping = true;
+  if (turn.id !== null) requestStop(turn); // else onEvent asks once `start` gives the id
+  turn.stopTimer = setTimeout(() => turn.controller?.abort(), STOP_WAIT_MS);
+  turn.wake?.();
+}
+
+function stop() {
+  if (!current) return;
+  if (!current.stopping) setStatus('Stopping…');
+  stopTurn(current);
+}
+
+function end(turn) {
+  clearTimeout(turn.stopTimer);
+  if (leaving) return; // the next page resumes from what was saved
+  clearTimeout(turn.saveTimer);
+  if (turn.detached) {
+    cancelAnimationFrame(turn.frame);
+    return; // New chat took the screen and the storage
+  }
+  forget(KEY.pending);
+  current = null;
+  paint(turn);
+  const { question, text: answer, finish, failure, botEl, userEl } = turn;
+  botEl.removeAttribute('aria-busy');
+  botEl.dataset.finish = finish ?? (failure ? 'error' : 'none');
+  setState(models.length ? 'ready' : 'unavailable');
+
+  const complete = finish !== null && finish !== 'cancelled';
+  const stopped = !failure && !complete && turn.stopping;
   if (answer) {
-    keep({ role: 'user', content: text }, { role: 'assistant', content: answer });
-    if (!finish) botEl.classList.add('partial'); // what arrived is kept, marked as cut off
-  } else if (finish) {
-    keep({ role: 'user', content: text }); // an empty answer is not history
+    keep({ role: 'user', content: question }, { role: 'assistant', content: answer });
+    if (!complete) botEl.classList.add('partial'); // what arrived is kept, marked as cut off
+  } else if (complete) {
+    keep({ role: 'user', content: question }); // an empty answer is not history
     botEl.remove();
   } else {
     // Nothing came back: the question was not answered, so it is not history. Offer it again.
     botEl.remove();
     userEl.classList.add('failed');
-    if (!ui.message.value) ui.message.value = text;
+    if (!ui.message.value) ui.message.value = question;
   }
   if (failure) setStatus(failure, 'error');
   else if (stopped) setStatus('Stopped.');
+  else if (finish === 'cancelled') setStatus('The answer was stopped before it was complete.');
   else if (finish === 'length') setStatus('The answer was cut short at the token limit.');
   else if (finish === 'content_filter') setStatus('The provider stopped the answer (content filter).');
   else if (!answer) setStatus('The model returned an empty answer.');
+  else setStatus('');
   if (document.activeElement === document.body || document.activeElement === ui.stop) ui.message.focus();
 }
 
+function begin(turn, body) {
+  current = turn;
+  turn.botEl.setAttribute('aria-busy', 'true'); // screen readers announce the answer once it is complete
+  scrollDown();
+  setState('streaming');
+  run(turn, body);
+}
+
+function send(text) {
+  const provider = ui.provider.value;
+  const model = ui.model.value;
+  const body = JSON.stringify({ message: text, provider, model, history: outgoingHistory() });
+  const turn = newTurn(text, `${providerLabel(provider)} · ${model}`);
+  persist(turn); // a reload before `start` can at least offer the question again
+  setStatus('');
+  begin(turn, body);
+}
+
+// After a reload: the answer that was in flight, shown as far as it got, then resumed.
+function resumePending() {
+  const saved = load(KEY.pending, null);
+  if (!saved || typeof saved.question !== 'string') return;
+  if (typeof saved.id !== 'string' || !Number.isInteger(saved.last) || typeof saved.text !== 'string') {
+    forget(KEY.pending);
+    addBubble('user', saved.question).classList.add('failed');
+    if (!ui.message.value) ui.message.value = saved.question;
+    setStatus('The page was reloaded before the answer started: send it again.');
+    return;
+  }
+  const turn = newTurn(saved.question, typeof saved.label === 'string' ? saved.label : undefined);
+  Object.assign(turn, { id: saved.id, last: saved.last, text: saved.text, label: turn.botEl.dataset.label });
+  paint(turn);
+  setStatus('Resuming the answer…');
+  begin(turn, null);
+}
+
 function newChat() {
-  chat += 1;
-  controller?.abort();
+  if (current) {
+    // The answer is stopped on the server too, out of sight: nothing of it reaches the new chat.
+    const turn = current;
+    turn.detached = true;
+    current = null;
+    stopTurn(turn);
+    setState(models.length ? 'ready' : 'unavailable');
+  }
+  forget(KEY.pending);
   history = [];
   save(KEY.history, history);
   ui.messages.replaceChildren();
@@ -347,14 +579,15 @@ function main() {
   history = load(KEY.history, []);
   history = Array.isArray(history) ? history.filter(isTurn) : [];
   for (const m of history) addBubble(m.role, m.content);
-  scrollDown();
   ui.token.value = load(KEY.token, '');
   setState('loading');
+  resumePending();
+  scrollDown();
 
   ui.form.addEventListener('submit', (e) => {
     e.preventDefault(); // no navigation (and CSP's form-action 'none' would refuse it anyway)
     const text = ui.message.value.trim();
-    if (!text || controller || models.length === 0) return;
+    if (!text || current || models.length === 0) return;
     ui.message.value = '';
     send(text);
   });
@@ -366,9 +599,9 @@ function main() {
     }
   });
   document.addEventListener('keydown', (e) => {
-    if (e.key === 'Escape' && controller) controller.abort();
+    if (e.key === 'Escape' && current) stop();
   });
-  ui.stop.addEventListener('click', () => controller?.abort());
+  ui.stop.addEventListener('click', stop);
   ui.newChat.addEventListener('click', newChat);
   ui.retry.addEventListener('click', loadModels);
   ui.provider.addEventListener('change', () => {
@@ -380,7 +613,23 @@ function main() {
     save(KEY.token, ui.token.value.trim());
     loadModels();
   });
-  window.addEventListener('online', () => models.length === 0 && loadModels());
+  // A phone that loses its network may keep a dead connection open for minutes: let go of it at
+  // once, and resume as soon as the network is back (or on the backoff, as onLine can be wrong).
+  window.addEventListener('offline', () => current?.id && current.controller?.abort());
+  window.addEventListener('online', () => {
+    current?.wake?.();
+    if (models.length === 0) loadModels();
+  });
+  // Unloading aborts the stream; the next page resumes it from what is saved here.
+  window.addEventListener('pagehide', () => {
+    if (current) persist(current);
+    leaving = true;
+  });
+  window.addEventListener('pageshow', (e) => {
+    if (!e.persisted) return;
+    leaving = false; // back from the back-forward cache: pick the answer up again
+    current?.wake?.();
+  });
 
   loadModels();
   if ('serviceWorker' in navigator) {

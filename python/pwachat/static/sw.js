@@ -5,12 +5,13 @@
 
 // Bump with every change to a shell file: cache-first means clients see new files only when
 // this file changes (browsers re-check /sw.js on navigation) and a new cache is filled.
-const VERSION = 'v2';
+const VERSION = 'v3';
 const PREFIX = 'pwachat-shell-';
 const CACHE = PREFIX + VERSION;
 const SHELL = [
   '/',
   '/static/app.js',
+  '/static/markdown.js',
   '/static/app.css',
   '/manifest.webmanifest',
   '/static/icon.svg',
