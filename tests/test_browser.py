@@ -725,3 +725,56 @@ def test_markdown_rerendering_matches_a_fresh_render_and_keeps_finished_blocks(
     )
     assert result["same"], result["html"]
     assert result["kept"]  # the heading was built once, not on every delta
+
+
+EVENTSOURCE_RESUME_JS = """
+async () => {
+  // Start a stream, leave after three deltas, then resume it with the browser's own EventSource.
+  const ctl = new AbortController();
+  const res = await fetch('/api/chat/stream', {
+    method: 'POST', signal: ctl.signal, headers: {'Content-Type': 'application/json'},
+    body: JSON.stringify({message: 'count slowly', provider: 'openai'}),
+  });
+  const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = '', id = null, seen = [];
+  while (seen.length < 3) {
+    const {value} = await reader.read();
+    buffer += value;
+    for (const block of buffer.split('\\n\\n').slice(0, -1)) {
+      const data = block.split('\\n').find((l) => l.startsWith('data: ')).slice(6);
+      if (block.includes('event: start')) id = JSON.parse(data).id;
+      if (block.includes('event: delta')) seen.push(JSON.parse(data).content);
+    }
+    buffer = buffer.slice(buffer.lastIndexOf('\\n\\n') + 2);
+  }
+  ctl.abort();
+  return await new Promise((resolve, reject) => {
+    const rest = [], ids = [];
+    const source = new EventSource(`/api/chat/stream/${id}?last_event_id=3`);
+    source.addEventListener('delta', (e) => {
+      rest.push(JSON.parse(e.data).content);
+      ids.push(e.lastEventId);
+    });
+    source.addEventListener('done', (e) => {
+      source.close();
+      resolve({seen, rest, ids, finish: JSON.parse(e.data).finish_reason, last: e.lastEventId});
+    });
+    source.onerror = () => { source.close(); reject(new Error('EventSource failed')); };
+  });
+}
+"""
+
+
+def test_a_browser_eventsource_resumes_a_stream(
+    page: Page, openai_server: Server, fake: FakeUpstream
+) -> None:
+    """The contract: a plain `EventSource` on GET /api/chat/stream/{id} picks a stream up."""
+    fake.reset()
+    words = paced_words(fake, 12, 0.1)
+    page.goto(url(openai_server))
+    got = page.evaluate(EVENTSOURCE_RESUME_JS)
+    assert "".join(got["seen"] + got["rest"]).split() == words
+    assert got["ids"] == [str(i) for i in range(4, 4 + len(got["rest"]))]
+    assert got["finish"] == "stop" and int(got["last"]) == len(words) + 1
+    recs = fake.requests("openai")
+    assert len(recs) == 1 and recs[0]["completed"], recs  # the answer went on; never asked again
