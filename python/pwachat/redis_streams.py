@@ -152,7 +152,8 @@ class RedisStreams:
         self.live_ttl_arg = b"%d" % self.live_ttl
         self._writer: asyncio.Task[None] | None = None
         self._writer_conn: Any = None
-        # Live mirrored streams: [time of the last TTL set, the key packed as a RESP bulk string].
+        # Live mirrored streams: [time of the last TTL set, the key packed as a RESP bulk string,
+        # the id of the last event sent].
         self._live: dict[str, list[Any]] = {}
         self._tick: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -178,12 +179,13 @@ class RedisStreams:
         now = time.monotonic()
         if live is None:  # its first flush (`start`): the key, the owner, the running TTL
             key = PREFIX + b"{" + chat_id.encode() + b"}"
-            live = self._live[chat_id] = [now, b"$%d\r\n%s\r\n" % (len(key), key)]
+            live = self._live[chat_id] = [now, b"$%d\r\n%s\r\n" % (len(key), key), last_id]
             first = 0
             owner = _owner(stream.owner)
             ttl = self.live_ttl_arg
         else:
-            first = stream.last_ids[-2] + 1
+            first = live[2] + 1  # the event after the previous flush's last
+            live[2] = last_id
             owner = b""
             ttl = b"0"
             if now - live[0] >= self.refresh_s:

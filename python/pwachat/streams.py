@@ -31,11 +31,9 @@ address): another caller's id is answered as unknown.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
 import hmac
 import logging
-from array import array
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -71,25 +69,25 @@ class Mirror(Protocol):
 
 
 class StreamLog:
-    """One stream's events, as one buffer of every flush in order (each one or more whole events,
-    maybe a `: ping`): flush k ends at `ends[k]` and its last event's id is `last_ids[k]`; flush 0
-    starts at id 0 (`start`). One buffer and two arrays rather than a list of chunks: a few objects
-    per stream whatever its length, none the garbage collector has to walk, and each flush's bytes
-    freed once sent."""
+    """One stream's events: one buffer of every flush in order (each one or more whole events, maybe
+    a `: ping`), from `start` (id 0) to `last_id`. One growing buffer rather than a list of chunks:
+    a few objects per stream whatever its length, none the garbage collector has to walk, each
+    flush's bytes freed once sent, and per flush one append. Where a resume goes on is found by
+    its `id:` line (`after`), once per resume."""
 
     __slots__ = (
         "buf",
         "chat_id",
         "control",
         "ended",
-        "ends",
         "grace_timer",
-        "last_ids",
+        "keep",
+        "last_id",
+        "max_bytes",
         "mirrored",
         "owner",
         "readers",
         "registry",
-        "size",
         "stop_reason",
         "waiters",
     )
@@ -100,9 +98,9 @@ class StreamLog:
         self.owner = owner
         self.control = control  # cancels the generation's provider request (the relay's)
         self.buf: bytes | bytearray = bytearray()
-        self.ends = array("Q")
-        self.last_ids = array("q")
-        self.size = 0
+        self.last_id = -1  # of the last event appended
+        self.keep = registry.keep
+        self.max_bytes = registry.max_log_bytes
         self.ended = False
         self.readers = 1  # the original POST
         self.waiters: list[asyncio.Future[None]] = []
@@ -115,10 +113,7 @@ class StreamLog:
         """A retained stream's log again, for one resume (`Streams.get`): one chunk, ended."""
         stream = cls(registry, chat_id, owner, _nothing)
         stream.buf = body
-        if body:
-            stream.ends.append(len(body))
-            stream.last_ids.append(last_id)
-        stream.size = len(body)
+        stream.last_id = last_id
         stream.ended = True
         stream.readers = 0
         stream.mirrored = False
@@ -126,11 +121,9 @@ class StreamLog:
 
     def append(self, chunk: bytes, last_id: int, terminal: bool) -> None:
         """One flush of the generation (the relay's): kept, handed to the readers waiting, mirrored."""
-        if self.registry.keep:
+        if self.keep:
             self.buf += chunk  # type: ignore[operator] - a live stream's buffer is a bytearray
-            self.size += len(chunk)
-            self.ends.append(self.size)
-            self.last_ids.append(last_id)
+        self.last_id = last_id
         if self.waiters:
             for waiter in self.waiters:
                 if not waiter.done():
@@ -144,7 +137,7 @@ class StreamLog:
                 self.grace_timer.cancel()
                 self.grace_timer = None
             self.registry.ended(self)
-        elif self.size > self.registry.max_log_bytes:
+        elif len(self.buf) > self.max_bytes:
             self.end_generation("too_long")
 
     def end_generation(self, reason: str) -> None:
@@ -200,16 +193,13 @@ class StreamLog:
             self.end_generation("grace_expired")
 
     def after(self, last_event_id: int) -> int:
-        """Where, in `buf`, a reader that has seen `last_event_id` goes on (`size` when it has
+        """Where, in `buf`, a reader that has seen `last_event_id` goes on (its end when it has
         everything so far)."""
-        k = bisect.bisect_right(self.last_ids, last_event_id)
-        if k >= len(self.ends):
-            return self.size
-        start = self.ends[k - 1] if k else 0
-        first = self.last_ids[k - 1] + 1 if k else 0
-        if first > last_event_id:
-            return start
-        return start + cut_at(self.buf[start : self.ends[k]], last_event_id)
+        if last_event_id < 0:
+            return 0
+        if last_event_id >= self.last_id:
+            return len(self.buf)
+        return cut_at(self.buf, last_event_id)
 
 
 #: What a retained stream takes besides its events: its record, id, and entries in the registry.
@@ -217,7 +207,7 @@ RECORD_OVERHEAD = 400
 
 
 def cut_at(chunk: bytes | bytearray, last_event_id: int) -> int:
-    """Where, in `chunk` (one flush, holding `last_event_id`), the events after it start: each
+    """Where, in `chunk` (holding `last_event_id` and the event after it), the next event starts: each
     event starts with its `id:` line, which only an event's first line can be (`data` never holds
     a raw newline). `len(chunk)` when none follows."""
     marker = _id_line % (last_event_id + 1)
@@ -270,7 +260,7 @@ class Streams:
             del self.logs[chat_id]
             return
         body = bytes(stream.buf)
-        record = (stream.owner, body, stream.last_ids[-1] if stream.last_ids else -1)
+        record = (stream.owner, body, stream.last_id)
         self.logs[chat_id] = record  # type: ignore[assignment]
         held = len(body) + RECORD_OVERHEAD
         loop = asyncio.get_running_loop()
@@ -322,7 +312,7 @@ class Streams:
     def kept_bytes(self) -> int:
         """The events held now (for /api/health's runtime block: a leak shows here)."""
         self.sweep()
-        return sum(len(s[1]) if type(s) is tuple else s.size for s in self.logs.values())
+        return sum(len(s[1]) if type(s) is tuple else len(s.buf) for s in self.logs.values())
 
     def close(self) -> None:
         if self._sweeper is not None:
@@ -354,9 +344,10 @@ async def follow(
     pos = stream.after(last_event_id)
     pending = b""
     while True:
-        if pos < stream.size:
-            pending += stream.buf[pos : stream.size]
-            pos = stream.size
+        size = len(stream.buf)
+        if pos < size:
+            pending += stream.buf[pos:size]
+            pos = size
         if stream.ended:
             await send({"type": "http.response.body", "body": bytes(pending), "more_body": False})
             return
@@ -370,5 +361,5 @@ async def follow(
             return
         if not waiter.done():
             waiter.cancel()
-            if pos >= stream.size and not stream.ended:
+            if pos >= len(stream.buf) and not stream.ended:
                 pending += PING

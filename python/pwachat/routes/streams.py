@@ -129,7 +129,7 @@ async def resume_stream(request: Request[Any, Any, Any], stream_id: str) -> ASGI
     heartbeat_s = svc.settings.sse_heartbeat_s
     stream = svc.streams.get(stream_id, owner) if svc.streams.keep else None
     if stream is not None:
-        if stream.ended and (not stream.last_ids or after >= stream.last_ids[-1]):
+        if stream.ended and after >= stream.last_id:
             METRICS.stream_resumed("ok")
             return NOTHING_LEFT
         if stream.readers >= MAX_READERS:
