@@ -134,6 +134,25 @@ def test_stopped_on_the_other_instance_every_reader_sees_cancelled(
     assert json.loads(a.request("POST", f"/api/chat/stream/{chat_id}/stop")[2]) == {"stopped": False}
 
 
+def test_a_stop_whose_message_is_missed_still_stops_the_stream(
+    pair: tuple[Server, Server], fake: FakeUpstream, client: redis_py.Redis
+) -> None:
+    a, b = pair
+    fake.behave("openai", deltas=DELTAS * 4, chunk_interval_s=0.1)
+    reader, chat_id = begin(a)
+    with reader.sock:
+        events(reader.read_events(2))
+        # Every subscriber's connection cut: the generating worker reconnects 0.5 s later, so the
+        # stop's message, published now, reaches nobody.
+        assert client.client_kill_filter(_type="pubsub") >= 2
+        stopped_at = time.monotonic()
+        assert json.loads(b.request("POST", f"/api/chat/stream/{chat_id}/stop")[2]) == {"stopped": True}
+        end = events(reader.read_rest())[-1]
+    assert end.name == "done" and json.loads(end.data)["finish_reason"] == "cancelled"
+    rec = fake.wait_for(lambda rs: rs and rs[0]["finished_at"] is not None and rs[0], timeout=5)
+    assert rec["client_gone"] and rec["gone_at"] - stopped_at <= 0.45, rec["gone_at"] - stopped_at
+
+
 def test_a_reader_on_the_other_instance_keeps_the_grace_from_expiring(
     pair: tuple[Server, Server], fake: FakeUpstream
 ) -> None:

@@ -8,7 +8,9 @@ the terminal one `t`. `XADD ... MAXLEN ~` bounds it; its TTL is set with the fir
 refreshed while the stream runs, and set to `STREAM_RETAIN_S` at the end. A reader on another
 instance holds `pwachat:st:{<chat id>}:r` (a short TTL, refreshed) so that the generating
 instance's grace does not expire under it. Stops go over pub/sub (`pwachat:st:stop`): every worker
-subscribes, and the one generating the stream cancels it at once.
+subscribes, and the one generating the stream cancels it at once; a stop is also left as a key
+(`pwachat:st:{<chat id>}:stop`, TTL `STREAM_RETAIN_S`) that the generating process's next batch
+of writes finds, should the message have been missed.
 
 Writes never hold the generation up: `append` only packs the flush's arguments; one writer task
 per process sends what `BATCH_DELAY_S` (2 ms) gathered as one script call (`APPEND_LUA`: the XADDs
@@ -81,7 +83,7 @@ def create_mirror(settings: Any) -> Any:
 # 1-based index of that flush.
 APPEND_LUA = """
 local maxlen = ARGV[1]
-local failed = {}
+local failed, stopped = {}, {}
 local a = 2
 for i = 1, #KEYS do
   local k, t = KEYS[i], ARGV[a + 5]
@@ -103,8 +105,11 @@ for i = 1, #KEYS do
   if ttl ~= '0' then
     redis.pcall('EXPIRE', k, ttl)
   end
+  if t == '' and redis.call('EXISTS', k .. ':stop') == 1 then
+    stopped[#stopped + 1] = i
+  end
 end
-return failed
+return {failed, stopped}
 """
 
 
@@ -241,8 +246,11 @@ class RedisStreams:
                     for stream in carried:
                         self._unmirror(stream)
                     continue
-                for index in reply:  # the entries the script could not add
+                failed, stopped = reply
+                for index in failed:  # the entries the script could not add
                     self._unmirror(carried[int(index) - 1])
+                for index in stopped:  # a stop whose message this process missed
+                    carried[int(index) - 1].stop()
         finally:
             self._writer = None
 
@@ -340,16 +348,21 @@ class RedisStreams:
 
     async def stop(self, chat_id: str, owner: str) -> bool | None:
         """A stop for a stream another process generates: None if there is no such stream of the
-        caller's, False if it has ended, else True once the stop is published."""
+        caller's, False if it has ended, else True once the stop is published. It is also left
+        as a key (`...:stop`) that the generating process's next write finds: a message missed
+        while its subscriber was reconnecting does not lose the stop."""
         found = await self._head_and_tail(chat_id, owner)
         if found is None:
             return None
-        _, tail = found
+        key, tail = found
         if tail and b"t" in tail[0][1]:
             return False
         try:
             async with asyncio.timeout(LOOKUP_TIMEOUT_S):
-                await self.redis.publish(STOP_CHANNEL, chat_id)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.set(key + b":stop", b"1", ex=self.retain_s)
+                    pipe.publish(STOP_CHANNEL, chat_id)
+                    await pipe.execute()
         except (RedisError, OSError, TimeoutError):
             return None
         return True
