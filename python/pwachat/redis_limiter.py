@@ -64,7 +64,7 @@ from redis.retry import Retry
 from pwachat._native import Decision, RateLimiter
 from pwachat.settings import Settings, split_cluster_url
 
-__all__ = ["MAX_PENDING", "REDIS_TIMEOUT_S", "RedisBackend"]
+__all__ = ["MAX_PENDING", "REDIS_TIMEOUT_S", "RedisBackend", "connection_options"]
 
 log = logging.getLogger("pwachat.ratelimit")
 
@@ -233,7 +233,9 @@ def _packed_parts(sha: str, args: list[str]) -> tuple[bytes, bytes]:
     return b"*%d\r\n" % (4 + len(args)) + _resp("EVALSHA", sha, "1"), _resp(*args)
 
 
-def _connection_options() -> dict[str, Any]:
+def connection_options() -> dict[str, Any]:
+    """redis-py connection options for every Redis client here (limits, streams): calls bounded by
+    our own deadlines, never retried inside a request."""
     return {
         # No socket read timeout: every call is bounded by the deadlines here instead.
         "socket_timeout": None,
@@ -256,7 +258,7 @@ class _Cluster:
     def __init__(self, url: str, seeds: tuple[tuple[str, int], ...]) -> None:
         # Only for its connection class and keyword arguments (credentials, TLS, options): one
         # connection per node is made from them with that node's host and port.
-        self._pool = ConnectionPool.from_url(url, **_connection_options())
+        self._pool = ConnectionPool.from_url(url, **connection_options())
         self.seeds = seeds
         self.slots: list[tuple[str, int] | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
         self.idle: dict[tuple[str, int], list[Any]] = {}
@@ -376,7 +378,7 @@ class RedisBackend:
         cluster = split_cluster_url(settings.redis_url)
         self._cluster: _Cluster | None = None
         if cluster is None:
-            self.redis = Redis.from_url(settings.redis_url, **_connection_options())
+            self.redis = Redis.from_url(settings.redis_url, **connection_options())
         else:
             self._cluster = _Cluster(*cluster)
             self._evalsha = self._evalsha_cluster  # type: ignore[method-assign]

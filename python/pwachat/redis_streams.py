@@ -36,7 +36,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from pwachat._native import sse_comment
-from pwachat.redis_limiter import _connection_options
+from pwachat.redis_limiter import connection_options
 from pwachat.relay import STREAM_HEADERS
 from pwachat.settings import split_cluster_url
 from pwachat.streams import StreamLog, Streams, cut_after, until_disconnect
@@ -135,7 +135,7 @@ class RedisStreams:
             settings.redis_url,
             max_connections=MAX_CONNECTIONS,
             timeout=LOOKUP_TIMEOUT_S,
-            **_connection_options(),
+            **connection_options(),
         )
         self.redis = Redis(connection_pool=pool)
         self.retain_s = max(1, round(settings.stream_retain_s))
