@@ -168,22 +168,21 @@ STREAM_PATH = re.compile(r"/api/chat/stream/(chat_[^/?]+)$")
 STOP_PATH = re.compile(r"/api/chat/stream/(chat_[^/?]+)/stop$")
 
 
+def is_stop(response: Response) -> bool:
+    """An answer to POST /api/chat/stream/{id}/stop."""
+    return response.request.method == "POST" and STOP_PATH.search(response.url) is not None
+
+
 class Streams:
-    """What the page asked of the resume and stop routes, as the browser sent it."""
+    """The resumes the page asked for (GET /api/chat/stream/{id}), as the browser sent them."""
 
     def __init__(self, page: Page) -> None:
         self.resumes: list[str | None] = []  # the Last-Event-ID of each GET /api/chat/stream/{id}
-        self.stops: list[Response] = []  # the answers to POST /api/chat/stream/{id}/stop
         page.on("request", self._request)
-        page.on("response", self._response)
 
     def _request(self, request: Request) -> None:
         if request.method == "GET" and STREAM_PATH.search(request.url):
             self.resumes.append(request.headers.get("last-event-id"))
-
-    def _response(self, response: Response) -> None:
-        if response.request.method == "POST" and STOP_PATH.search(response.url):
-            self.stops.append(response)
 
 
 class Problems:
@@ -463,8 +462,9 @@ def test_stop_asks_the_server_to_stop_and_keeps_the_partial_answer(
     ask_openai(page, openai_server, "a long answer to stop")
     expect(page.locator(ASSISTANT).last).to_contain_text("w03")
 
-    page.click("#stop")
-    clicked = time.monotonic()
+    with page.expect_response(is_stop) as stop_answer:
+        page.click("#stop")
+        clicked = time.monotonic()
     wait_state(page, "ready")
     expect(page.locator("#status")).to_have_text("Stopped.")
     # The stream ended with the server's own `cancelled`, not with a local abort.
@@ -473,7 +473,7 @@ def test_stop_asks_the_server_to_stop_and_keeps_the_partial_answer(
     shown = answer_words(page)
     assert shown and shown == words[: len(shown)] and len(shown) < len(words), shown
     # (Only the status is read: Response.json() would wait for a body the page may not read.)
-    assert len(streams.stops) == 1 and streams.stops[0].status == 200, streams.stops
+    assert stop_answer.value.status == 200
     # The upstream request was cancelled at once (a reader merely leaving would get the 20 s grace).
     gone = fake.wait_for(lambda recs: [r for r in recs if r["client_gone"]], timeout=5)
     assert len(gone) == 1 and gone[0]["deltas_sent"] < len(words), gone
@@ -495,13 +495,14 @@ def test_new_chat_while_streaming_stops_the_answer(
     ask_openai(page, openai_server, "an answer I will abandon")
     expect(page.locator(ASSISTANT).last).to_contain_text("w03")
 
-    page.click("#new-chat")
+    # Waited for through Playwright: its events reach this side only while one of its calls runs.
+    with page.expect_response(is_stop) as stop_answer:
+        page.click("#new-chat")
+    assert stop_answer.value.status == 200
     expect(page.locator("#messages .message")).to_have_count(0)
     wait_state(page, "ready")
     gone = fake.wait_for(lambda recs: [r for r in recs if r["client_gone"]], timeout=5)
     assert len(gone) == 1 and gone[0]["deltas_sent"] < len(words), gone
-    poll(lambda: streams.stops, 5, "the stop route called")
-    assert streams.stops[0].status == 200
 
     page.reload()
     wait_state(page, "ready")
