@@ -10,22 +10,11 @@ those in `refused`. Runs its own event loop in a thread, so that a sync Playwrig
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 
+from recording_proxy import pipe
+
 __all__ = ["CutProxy"]
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, asyncio.CancelledError):
-        pass
-    finally:
-        with contextlib.suppress(Exception):
-            writer.close()
 
 
 class CutProxy:
@@ -53,7 +42,7 @@ class CutProxy:
         pair = {writer.transport, up_writer.transport}
         self._open |= pair
         try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         finally:
             self._open -= pair
 

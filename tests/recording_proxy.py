@@ -16,7 +16,7 @@ import contextlib
 import threading
 from urllib.parse import urlsplit
 
-__all__ = ["RecordingProxy"]
+__all__ = ["RecordingProxy", "pipe"]
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, str]]]:
@@ -30,7 +30,8 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str,
     return lines[0], headers
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy `reader` to `writer` until either side ends (shared by the tests' proxies)."""
     try:
         while data := await reader.read(65536):
             writer.write(data)
@@ -73,8 +74,8 @@ class RecordingProxy:
                     up_reader, up_writer = await asyncio.open_connection(host.strip("[]"), int(port))
                     writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
                     await writer.drain()
-                    back = asyncio.ensure_future(_pipe(up_reader, writer))
-                    await _pipe(reader, up_writer)
+                    back = asyncio.ensure_future(pipe(up_reader, writer))
+                    await pipe(reader, up_writer)
                     await back
                     return
                 url = urlsplit(target)
@@ -82,7 +83,7 @@ class RecordingProxy:
                 body = await reader.readexactly(length)
                 if upstream is None or upstream[1].is_closing():
                     upstream = await asyncio.open_connection(url.hostname, url.port or 80)
-                    pump = asyncio.ensure_future(_pipe(upstream[0], writer))
+                    pump = asyncio.ensure_future(pipe(upstream[0], writer))
                 path = url.path + (f"?{url.query}" if url.query else "")
                 kept = [
                     (k, v) for k, v in headers if k.lower() not in ("proxy-authorization", "proxy-connection")

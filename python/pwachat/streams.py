@@ -2,7 +2,7 @@
 
 The relay (`pwachat/relay.py`) is the generation: it pulls the provider stream and appends every
 flush, the framed bytes exactly as they go out, to the stream's `StreamLog`; the original POST is
-served from those same bytes in the same task (no hand-off: its path costs two list appends per
+served from those same bytes in the same task (no hand-off: its path costs one buffer append per
 flush). Any other reader (a resume, `GET /api/chat/stream/{id}`) follows the log: what is there
 after its `Last-Event-ID`, then each flush as it is appended, then the terminal event.
 
