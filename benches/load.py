@@ -29,12 +29,18 @@ compares those ratios):
 - resume:      resumable streams on (default STREAM_GRACE_S) against STREAM_GRACE_S=0, as ratios on/off:
                stream events/s and CPU per event with memory:// and with Redis (and Redis on against
                memory:// off), 1,000 paced streams' lateness, 1,000 held streams' peak memory
+- budget:      token budgets on (TOKENS_PER_DAY=10^12, TOKENS_GLOBAL_PER_DAY=10^15) against off
+               (TOKENS_PER_DAY=0), as ratios on/off: chat req/s and stream events/s and the server's
+               CPU per request or event with memory://; with Redis, what Redis adds to the server's CPU
+               per chat request (Redis minus memory://, same budgets), on against off; 3 rounds, each
+               on four fresh servers up together, wrk in interleaved blocks (A B C D D C B A)
 
 Bounds: every stream level and wrk run has a deadline; all traffic goes to 127.0.0.1. The default
-run takes about 6.5 minutes on the 2-core development machine (resume about 1.5 of them), --quick
-about 1. The server runs with MAX_CONCURRENCY=8192 and the soft fd limit raised to the hard one.
-This script measures; it asserts nothing. Needs `wrk` (Debian package), redis-server for redis and
-resume, Linux (taskset, /proc) and the pacer built
+run takes about 9.5 minutes on the 2-core development machine (resume about 1.5 of them, budget
+about 3), --quick about 1. The server runs with MAX_CONCURRENCY=8192, the soft fd limit raised to
+the hard one and, but in the budget scenario, the token budgets off (wrk is a single caller).
+This script measures; it asserts nothing. Needs `wrk` (Debian package), redis-server for redis,
+resume and budget, Linux (taskset, /proc) and the pacer built
 (`cargo build --release --manifest-path benches/pacer/Cargo.toml`: the Makefile's bench targets do).
 """
 
@@ -50,9 +56,9 @@ from pathlib import Path
 
 from loadbench.procs import LOAD_CORE, PACER, ROOT, Fake, Pacer, TlsFiles, raise_fd_limit, server
 from loadbench.results import Results
-from loadbench.scenarios import Run, latency, redis_limits, resume, streams_level, throughput
+from loadbench.scenarios import Run, budget, latency, redis_limits, resume, streams_level, throughput
 
-ALL = "chat,stream,tls,redis,concurrent,latency,paced,held,resume"
+ALL = "chat,stream,tls,redis,concurrent,latency,paced,held,resume,budget"
 QUICK = {"only": "chat,stream,tls,paced", "seconds": 4, "paced_levels": "1000"}
 
 
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(","))
     if unknown := only - set(ALL.split(",")):
         parser.error(f"unknown scenarios {sorted(unknown)} (known: {ALL})")
-    if only & {"chat", "stream", "tls", "redis", "resume"} and shutil.which("wrk") is None:
+    if only & {"chat", "stream", "tls", "redis", "resume", "budget"} and shutil.which("wrk") is None:
         print("benches/load.py needs wrk (apt-get install wrk)", file=sys.stderr)
         return 2
     paced = only & {"concurrent", "paced", "held", "resume"}
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     tls = fake = pacer = None
     try:
-        if only & {"chat", "stream", "tls", "redis", "latency", "resume"}:
+        if only & {"chat", "stream", "tls", "redis", "latency", "resume", "budget"}:
             tls = TlsFiles(tmp)
             fake = Fake(tmp, tls)
         pacer = Pacer(args.pacer_processes, args.pacer_client_core) if paced else None
@@ -155,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 streams_level(run, "held", n, 0.25, args.held_chunks, direct=True)
         if "resume" in only:  # its own servers, after the plain one has gone
             resume(run, args.paced_tokens, args.held_chunks)
+        if "budget" in only:  # its own servers too
+            budget(run)
     finally:
         if fake is not None:
             fake.stop()

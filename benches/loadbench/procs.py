@@ -195,27 +195,33 @@ class Pacer:
 
 
 class Server:
-    """`pwachat serve`, one worker pinned to SERVER_CORE, the OpenAI provider at `base_url`."""
+    """`pwachat serve`, one worker pinned to SERVER_CORE, the OpenAI provider at `base_url`, request
+    limits of 10^9 and token budgets off; `env` adds to or overrides its environment."""
 
     def __init__(
         self, base_url: str, tmp: Path, ca_file: Path | None = None, env: dict[str, str] | None = None
     ) -> None:
         self.port = free_port()
-        extra = {"SSL_CERT_FILE": str(ca_file)} if ca_file is not None else {}
-        extra.update(env or {})
-        env = clean_env(
-            PORT=str(self.port),
-            WORKERS="1",
-            OPENAI_API_KEY=OPENAI_KEY,
-            OPENAI_BASE_URL=base_url,
-            RATELIMIT_PER_MINUTE="1000000000",
-            RATELIMIT_PER_HOUR="1000000000",
-            RATELIMIT_PER_DAY="1000000000",
-            UPSTREAM_MAX_RETRIES="0",
-            MAX_CONCURRENCY=str(MAX_CONCURRENCY),
-            LOG_FILE=str(tmp / f"load-{self.port}.log"),
-            **extra,
-        )
+        settings = {
+            "PORT": str(self.port),
+            "WORKERS": "1",
+            "OPENAI_API_KEY": OPENAI_KEY,
+            "OPENAI_BASE_URL": base_url,
+            "RATELIMIT_PER_MINUTE": "1000000000",
+            "RATELIMIT_PER_HOUR": "1000000000",
+            "RATELIMIT_PER_DAY": "1000000000",
+            # Token budgets off: wrk sends from one address, a single caller that the default
+            # per-caller budget would refuse within seconds. The budget scenario turns them on.
+            "TOKENS_PER_DAY": "0",
+            "TOKENS_GLOBAL_PER_DAY": "0",
+            "UPSTREAM_MAX_RETRIES": "0",
+            "MAX_CONCURRENCY": str(MAX_CONCURRENCY),
+            "LOG_FILE": str(tmp / f"load-{self.port}.log"),
+        }
+        if ca_file is not None:
+            settings["SSL_CERT_FILE"] = str(ca_file)
+        settings.update(env or {})  # `env` overrides any of these
+        env = clean_env(**settings)
         self.proc = subprocess.Popen(
             pinned(SERVER_CORE, [sys.executable, "-m", "pwachat.cli", "serve"]),
             cwd=tmp,

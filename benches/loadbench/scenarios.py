@@ -130,10 +130,19 @@ def _against_plain(
 
 
 def _ratio_figures(
-    run: Run, kind: str, on: WrkRun, ref: WrkRun, prefix: str, what_differs: str, ref_is: str, **kw
+    run: Run,
+    kind: str,
+    on: WrkRun,
+    ref: WrkRun,
+    prefix: str,
+    what_differs: str,
+    ref_is: str,
+    note: str = "",
+    **kw,
 ) -> None:  # type: ignore[no-untyped-def]
     """`<prefix>.<kind>.throughput` and `.server_cpu_us` of `on`, as ratios to `ref` (a run of the
-    same load against a server that differs in one thing): reported, not gated."""
+    same load against a server that differs in one thing): reported, not gated. `note` is added to
+    the throughput's."""
     per = 1 if kind == "chat" else CHUNKS
     unit, what = ("req/s", "request") if kind == "chat" else ("events/s", "event")
     label = "/api/chat requests/s" if kind == "chat" else f"/api/chat/stream delta events/s ({CHUNKS} chunks)"
@@ -145,7 +154,7 @@ def _ratio_figures(
             unit,
             reference=ref.rps * per,
             reference_is=ref_is,
-            note=_busy(on) + _bad(on),
+            note=_busy(on) + _bad(on) + (f"; {note}" if note else ""),
             gate=False,
             **kw,
         ),
@@ -452,6 +461,160 @@ def resume(run: Run, paced_tokens: int, held_chunks: int) -> None:
             reference_is=f"{off}, a fresh server each, same run",
             target="ratio <= 1.2",
             note=f"complete: on {complete([held['on']])}, off {complete([held['off']])}",
+            gate=False,
+        ),
+    )
+
+
+# -- budget: token budgets on against TOKENS_PER_DAY=0 -----------------------------------------------
+
+BUDGET_ROUNDS = 3
+BUDGET_OFF = {"TOKENS_PER_DAY": "0", "TOKENS_GLOBAL_PER_DAY": "0"}
+
+
+def _budget_on() -> dict[str, str]:
+    """Both budgets on, the caller's (10^12 a day) and the global one (10^15), so that both are checked
+    on every request and none is refused (a request reserves about 10^3 tokens, its input estimate
+    plus MAX_TOKENS, and settles to the fake's usage, a few tokens), each capped at the largest value
+    the server accepts (settings.BUDGET_MAX: Redis's script counts in doubles)."""
+    try:
+        from pwachat.settings import BUDGET_MAX  # the pwachat the server imports (same PYTHONPATH)
+    except ImportError:  # a server from before the budgets: it ignores both variables
+        BUDGET_MAX = 10**15
+    return {
+        "TOKENS_PER_DAY": str(min(10**12, BUDGET_MAX)),
+        "TOKENS_GLOBAL_PER_DAY": str(min(10**15, BUDGET_MAX)),
+    }
+
+
+def _path(kind: str) -> str:
+    return "/api/chat" if kind == "chat" else "/api/chat/stream"
+
+
+def _behave(fake: Fake, kind: str) -> None:
+    fake.behave() if kind == "chat" else fake.behave(chunks=CHUNKS)
+
+
+def _round(run: Run, servers: dict[str, Server], kind: str, names: list[str], seconds: int) -> dict:
+    """`kind`'s load (wrk, as `throughput`'s) on the servers `names` in turn, `seconds` a block, in
+    the order A B .. B A (a drift over the round favours none): each server's two blocks as one run."""
+    fake = run.fake
+    assert fake is not None
+    blocks: dict[str, list[WrkRun]] = {name: [] for name in names}
+    for name in [*names, *reversed(names)]:
+        srv = servers[name]
+        _behave(fake, kind)
+        blocks[name].append(wrk(srv.url + _path(kind), MESSAGE, {}, seconds, run.connections, run.cpu(srv)))
+    return {name: _summed(r) for name, r in blocks.items()}
+
+
+def budget(run: Run) -> None:
+    """Token budgets on (TOKENS_PER_DAY and TOKENS_GLOBAL_PER_DAY, `_budget_on`: every request reserves
+    its worst case before the provider call and settles after) against off (TOKENS_PER_DAY=0), every
+    figure a ratio on / off of the same run (issue #14's budget):
+    1. `memory://`: /api/chat requests/s and /api/chat/stream delta events/s, and the server's CPU per
+       request or event (`budget.memory.chat.*`, `budget.memory.stream.*`; target >= 0.95);
+    2. Redis (REDIS_URL, a real redis-server: the limit check and the reservation are one script
+       call, the settles batched): what Redis costs an admitted /api/chat request, the server's CPU
+       per request with Redis minus that with `memory://` (the same budgets), budgets on against off
+       (`budget.redis.cost_ratio`, value and reference the two costs in us; target <= 1.10), and
+       Redis on against off (`budget.redis.chat.*`, for information).
+    `BUDGET_ROUNDS` rounds, each on four fresh servers up together (memory:// off and on, Redis off
+    and on: two servers of the same settings differ by several percent, so each round draws new
+    ones), warmed up (a second of each load, not counted), then loaded in turn in blocks of half
+    `run.seconds`: chat A B C D D C B A, stream (memory://) A B B A, the order reversed every other
+    round. The figures pool the rounds; their notes give each round's ratio. Reported, not gated."""
+    fake = run.fake
+    assert fake is not None
+    half = max(1, run.seconds // 2)
+    on_env = _budget_on()
+    chat: list[dict[str, WrkRun]] = []
+    stream: list[dict[str, WrkRun]] = []
+    with _redis(run) as redis_url:
+        envs = {
+            "memory off": BUDGET_OFF,
+            "memory on": on_env,
+            "redis off": {**BUDGET_OFF, "REDIS_URL": redis_url},
+            "redis on": {**on_env, "REDIS_URL": redis_url},
+        }
+        for i in range(BUDGET_ROUNDS):
+            with contextlib.ExitStack() as stack:
+                servers = {
+                    name: stack.enter_context(server(fake.url + "/v1", run.tmp, env=env))
+                    for name, env in envs.items()
+                }
+                names = list(servers) if i % 2 == 0 else list(reversed(servers))
+                memory = [name for name in names if name.startswith("memory")]
+                for kind, warmed in (("chat", names), ("stream", memory)):
+                    _behave(fake, kind)
+                    for name in warmed:
+                        wrk(servers[name].url + _path(kind), MESSAGE, {}, 1, run.connections, run.cpu(None))
+                chat.append(_round(run, servers, "chat", names, half))
+                stream.append(_round(run, servers, "stream", memory, half))
+
+    def pooled(rounds: list[dict[str, WrkRun]]) -> dict[str, WrkRun]:
+        return {name: _summed([r[name] for r in rounds]) for name in rounds[0]}
+
+    def per_request(r: WrkRun) -> float:
+        return r.server_cpu_s / max(1, r.requests) * 1e6
+
+    def cost(m: dict[str, WrkRun], side: str) -> float:
+        return per_request(m[f"redis {side}"]) - per_request(m[f"memory {side}"])
+
+    def each(rounds: list[dict[str, WrkRun]], ratio) -> str:  # type: ignore[no-untyped-def]
+        values = []
+        for r in rounds:
+            try:
+                values.append(ratio(r))
+            except ZeroDivisionError:
+                values.append(math.nan)
+        return f"rounds {', '.join(f'{v:.3f}' for v in values)} (median {statistics.median(values):.3f})"
+
+    def rps_ratio(a: str, b: str):  # type: ignore[no-untyped-def]
+        return lambda r: r[a].rps / r[b].rps
+
+    caller, total = (int(on_env[k]) for k in ("TOKENS_PER_DAY", "TOKENS_GLOBAL_PER_DAY"))
+    on = f"budgets on ({caller:.0e} a caller, {total:.0e} in all)"
+    off = "budgets off (TOKENS_PER_DAY=0)"
+    for kind, rounds in (("chat", chat), ("stream", stream)):
+        m = pooled(rounds)
+        _ratio_figures(
+            run,
+            kind,
+            m["memory on"],
+            m["memory off"],
+            "budget.memory",
+            f"{on}, memory://",
+            f"{off}, memory://, same run",
+            note=each(rounds, rps_ratio("memory on", "memory off")),
+            target="ratio >= 0.95",
+        )
+    m = pooled(chat)
+    _ratio_figures(
+        run,
+        "chat",
+        m["redis on"],
+        m["redis off"],
+        "budget.redis",
+        f"{on}, Redis",
+        f"{off}, Redis too, same run",
+        note=each(chat, rps_ratio("redis on", "redis off")),
+    )
+    bad = "".join(f"; {name}: {r.non2xx:,} non-2xx" for name, r in m.items() if r.non2xx)
+    run.results.add(
+        Figure(
+            "budget.redis.cost_ratio",
+            "  Redis's cost per admitted /api/chat request (server CPU, Redis minus memory://), budgets on",
+            cost(m, "on"),
+            "us",
+            better="lower",
+            reference=cost(m, "off"),
+            reference_is=f"{off}, same run",
+            target="ratio <= 1.10",
+            note=f"on {per_request(m['redis on']):.0f} - {per_request(m['memory on']):.0f} us, "
+            f"off {per_request(m['redis off']):.0f} - {per_request(m['memory off']):.0f} us; "
+            + each(chat, lambda r: cost(r, "on") / cost(r, "off"))
+            + bad,
             gate=False,
         ),
     )
