@@ -13,7 +13,7 @@ from litestar import get
 from pwachat import __version__
 
 MARKER = "zebra-quartz-4711"  # chat text: never in an error body, never in a log line
-POLICY = '"minute";q=3;w=60, "hour";q=100;w=3600, "day";q=500;w=86400'
+POLICY = '"minute";q=3;w=60, "hour";q=100;w=3600, "day";q=500;w=86400, "tokens";q=200000;w=86400'
 RATE_HEADERS = (
     "x-ratelimit-limit",
     "x-ratelimit-remaining",
@@ -329,11 +329,16 @@ def test_rate_limit_endpoint_reports_the_callers_state(make_client) -> None:
         "limits": {"per_minute": 3, "per_hour": 100, "per_day": 500},
         "remaining": {"per_minute": 3, "per_hour": 100, "per_day": 500},
         "reset_s": {"per_minute": 0, "per_hour": 0, "per_day": 0},
+        "tokens": {"limit": 200000, "remaining": 200000, "reset_s": 0},
     }
+    used = 0
     for _ in range(3):
-        chat(client)
+        usage = chat(client).json()["usage"]
+        used += usage["input_tokens"] + usage["output_tokens"]
     body = client.get("/api/rate-limit").json()
     assert body["remaining"] == {"per_minute": 0, "per_hour": 97, "per_day": 497}
+    # The budget: each answer's reservation replaced by its usage.
+    assert body["tokens"] == {"limit": 200000, "remaining": 200000 - used, "reset_s": 0}
     assert 1 <= body["reset_s"]["per_minute"] <= 120
     assert body["reset_s"]["per_hour"] == 0 and body["reset_s"]["per_day"] == 0
     # Not itself limited: asking often changes nothing.
@@ -345,7 +350,7 @@ def test_rate_limit_endpoint_reports_the_callers_state(make_client) -> None:
 
 def test_tightest_window_is_the_one_with_fewest_remaining(make_client, check_error) -> None:
     client = make_client(RATELIMIT_PER_MINUTE="3", RATELIMIT_PER_HOUR="2")
-    policy = '"minute";q=3;w=60, "hour";q=2;w=3600, "day";q=500;w=86400'
+    policy = '"minute";q=3;w=60, "hour";q=2;w=3600, "day";q=500;w=86400, "tokens";q=200000;w=86400'
     assert_rate_headers(chat(client), 2, 1, "hour", policy)
     assert_rate_headers(chat(client), 2, 0, "hour", policy)
     resp = chat(client)
@@ -357,7 +362,7 @@ def test_tightest_window_is_the_one_with_fewest_remaining(make_client, check_err
 
 def test_tie_between_windows_names_the_shortest(make_client) -> None:
     client = make_client(RATELIMIT_PER_MINUTE="5", RATELIMIT_PER_HOUR="5", RATELIMIT_PER_DAY="5")
-    policy = '"minute";q=5;w=60, "hour";q=5;w=3600, "day";q=5;w=86400'
+    policy = '"minute";q=5;w=60, "hour";q=5;w=3600, "day";q=5;w=86400, "tokens";q=200000;w=86400'
     assert_rate_headers(chat(client), 5, 4, "minute", policy)
 
 
@@ -570,8 +575,9 @@ def test_router_path_answers_like_the_direct_path(make_client, path: str) -> Non
     for kwargs in cases:
         direct, routed = both(**kwargs)
         if direct[0] == 200:
-            # One quota used by each: the remaining counts (and so the reset) differ, nothing else.
-            for h in ("x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit"):
+            # One quota (and one token reservation) used by each: the remaining counts (and so the reset)
+            # differ, nothing else.
+            for h in ("x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit", "x-tokenbudget-remaining"):
                 direct[2].pop(h), routed[2].pop(h)
         assert direct == routed, kwargs
     # Quota now spent (two admitted): both refuse with the same 429.

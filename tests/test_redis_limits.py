@@ -65,7 +65,8 @@ def test_refused_requests_consume_nothing_in_redis(make_client, redis: RedisServ
 
 
 def test_a_flood_from_an_over_limit_key_makes_no_round_trips(make_client, redis: RedisServer) -> None:
-    client = make_client(REDIS_URL=redis.url, RATELIMIT_PER_MINUTE="2")
+    # Budgets off: their settles are calls of their own (tests/test_budgets_redis.py).
+    client = make_client(REDIS_URL=redis.url, RATELIMIT_PER_MINUTE="2", TOKENS_PER_DAY="0")
     assert [chat(client).status_code for _ in range(3)] == [200, 200, 429]
     before = redis.evalsha_calls()
     assert [chat(client).status_code for _ in range(200)] == [429] * 200
@@ -175,8 +176,9 @@ def test_the_script_keeps_only_the_buckets_that_still_count(redis: RedisServer) 
         return int(sec) * 1000 + int(usec) // 1000
 
     def consume_and_check() -> int:
-        # A 100 ms window and a 10 minute one (which keeps the hash alive across the gaps).
-        args = ["1", "100000", "100", "100000", "600000"]
+        # A 100 ms window and a 10 minute one (which keeps the hash alive across the gaps); no
+        # tokens reserved, budgets off.
+        args = ["1", "0", "0", "0", "86400000", "100000", "100", "100000", "600000"]
         allowed, now, *_ = redis.command("EVALSHA", sha, "1", key, *args)  # type: ignore[misc]
         assert allowed == 1
         bucket = int(now) // 100

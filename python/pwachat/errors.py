@@ -301,19 +301,28 @@ _RATE_LIMIT_HEADERS = {
     "RateLimit-Policy": ('The three windows, e.g. `"minute";q=10;w=60, "hour";q=100;w=3600, ...`', None),
     "RateLimit": ('The tightest window, e.g. `"minute";r=7;t=41`', None),
 }
+_BUDGET_HEADERS = {
+    "X-TokenBudget-Limit": ("Tokens a day in the caller's budget (or the deployment's, when tighter)", 1),
+    "X-TokenBudget-Remaining": ("Tokens left in it, after this request's reservation", 0),
+}
 _HEADERS: dict[str, tuple[str, int | None]] = {
     "X-Request-ID": ("The request's id (a valid client-sent one is echoed); also in the error body", None),
     "Retry-After": ("Whole seconds to wait before trying again", 1),
     "WWW-Authenticate": ("`Bearer`", None),
     "X-Fallback-From": ("The provider that failed, when its fallback answered (`N_FALLBACK`)", None),
     **_RATE_LIMIT_HEADERS,
+    **_BUDGET_HEADERS,
 }
 
 #: The headers an error's answer carries besides X-Request-ID: always (True) or when known (False).
 _CARRIES: dict[type[ApiError], dict[str, bool]] = {
     Unauthorized: {"WWW-Authenticate": True},
     RateLimited: {"Retry-After": True, **dict.fromkeys(_RATE_LIMIT_HEADERS, True)},
-    BudgetExceeded: {"Retry-After": True},
+    BudgetExceeded: {
+        "Retry-After": True,
+        **dict.fromkeys(_RATE_LIMIT_HEADERS, True),
+        **dict.fromkeys(_BUDGET_HEADERS, True),
+    },
     ShuttingDown: {"Retry-After": True},
     UpstreamRateLimited: {"Retry-After": False},
 }
@@ -376,7 +385,15 @@ def documented(
     for cls in dict.fromkeys((*errors, InternalError)):
         by_status.setdefault(cls.status, []).append(cls)
     # Once admitted, the answer may come from a provider's fallback, and then says whose it was.
-    admitted = {**dict.fromkeys(_RATE_LIMIT_HEADERS, True), "X-Fallback-From": False} if rate_limited else {}
+    admitted = (
+        {
+            **dict.fromkeys(_RATE_LIMIT_HEADERS, True),
+            **dict.fromkeys(_BUDGET_HEADERS, False),
+            "X-Fallback-From": False,
+        }
+        if rate_limited
+        else {}
+    )
 
     def carried(cls: type[ApiError]) -> dict[str, bool]:
         after_limit = rate_limited and issubclass(cls, ProviderError)

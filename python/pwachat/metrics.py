@@ -229,6 +229,14 @@ class Layout:
                 (("ok",), ("not_found",)),
             ),
             Family(
+                "pwachat_budget_tokens_total",
+                "counter",
+                "Token budget tokens: reserved before the provider call, settled (used) at the end, "
+                "released (reserved but not used)",
+                ("kind",),
+                (("reserved",), ("settled",), ("released",)),
+            ),
+            Family(
                 "pwachat_ratelimit_decisions_total",
                 "counter",
                 "Rate-limit decisions, by decision and by who decided",
@@ -305,6 +313,7 @@ class Metrics:
     """This process's counts: a buffer of float slots laid out by `Layout`, in a file once `open`ed."""
 
     __slots__ = (
+        "_budget",
         "_duration",
         "_fallbacks",
         "_outcomes",
@@ -353,6 +362,7 @@ class Metrics:
         self._upstream_errors = fams["pwachat_upstream_errors_total"].index
         self._outcomes = fams["pwachat_stream_events_total"].index
         self._resumes = fams["pwachat_stream_resumes_total"].index
+        self._budget = fams["pwachat_budget_tokens_total"].index
         self._fallbacks = fams["pwachat_provider_fallbacks_total"].index
 
     # -- the file ---------------------------------------------------------------------------------
@@ -471,6 +481,10 @@ class Metrics:
     def stream_resumed(self, outcome: str) -> None:
         """`GET /api/chat/stream/{id}`: `ok`, or `not_found` (unknown, expired or another's)."""
         self.mv[self._resumes[(outcome,)]] += 1.0
+
+    def budget_tokens(self, kind: str, tokens: int) -> None:
+        """`reserved`, `settled` (used) or `released` (reserved, not used) budget tokens."""
+        self.mv[self._budget[(kind,)]] += float(tokens)
 
 
 #: This process's one writer (see the module's docstring).

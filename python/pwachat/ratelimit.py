@@ -2,7 +2,10 @@
 
 The counting itself is the native sliding-window limiter (`pwachat._native.RateLimiter`): three
 windows checked and consumed atomically, a refused request consuming nothing. `memory://` uses it
-alone; a Redis backend plugs in behind the same `RateLimitBackend` interface.
+alone; a Redis backend plugs in behind the same `RateLimitBackend` interface. The backend also
+admits a request's token reservation (pwachat/budgets.py) with its request limits, as one
+decision: admitted only if the limits have room and every budget can cover it, and otherwise
+nothing is consumed anywhere.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 from typing import Protocol
 
 from pwachat._native import Decision, RateLimiter
+from pwachat.budgets import Admission, LocalBudgets, Ticket, Verdict, admit_locally
 from pwachat.errors import RateLimited
 from pwachat.forwarded import rate_limit_address
 from pwachat.settings import Settings
@@ -30,6 +34,7 @@ WINDOW_NAMES_B = {w: n.encode() for w, n in WINDOW_NAMES.items()}
 
 class RateLimitBackend(Protocol):
     name: str  # "memory" or "redis", as /api/health and /api/rate-limit report it
+    budgets: LocalBudgets
 
     async def start(self) -> None:
         """Connect what needs connecting; never raises for an unreachable store."""
@@ -37,8 +42,18 @@ class RateLimitBackend(Protocol):
     async def hit(self, key: str) -> Decision:
         """Check and, when admitted, consume one request in every window."""
 
+    async def admit(self, key: str, tokens: int) -> Admission:
+        """`hit` and, with budgets on and `tokens` > 0, the reservation of `tokens` in every
+        budget, as one decision: all or nothing."""
+
+    def settle(self, ticket: Ticket, used: int) -> None:
+        """Replace an admitted reservation by the tokens used (once; later calls do nothing)."""
+
     async def peek(self, key: str) -> Decision:
         """The caller's current state; consumes nothing."""
+
+    async def view(self, key: str) -> tuple[Decision, Verdict | None]:
+        """`peek`, with the caller's budget (None with budgets off)."""
 
     async def redis_state(self) -> str:
         """`disabled`, `ok` or `unavailable`, as of now (health checks ask this)."""
@@ -53,6 +68,7 @@ class MemoryBackend:
 
     def __init__(self, settings: Settings, max_keys: int = 100_000) -> None:
         self.limiter = RateLimiter(settings.rate_windows, max_keys=max_keys)
+        self.budgets = LocalBudgets(settings, max_keys=max_keys)
 
     async def start(self) -> None:
         return None
@@ -60,8 +76,19 @@ class MemoryBackend:
     async def hit(self, key: str) -> Decision:
         return self.limiter.check(key)
 
+    async def admit(self, key: str, tokens: int) -> Admission:
+        return admit_locally(self.limiter, self.budgets, key, tokens)
+
+    def settle(self, ticket: Ticket, used: int) -> None:
+        if not ticket.settled:
+            ticket.settled = True
+            self.budgets.settle(ticket, used)
+
     async def peek(self, key: str) -> Decision:
         return self.limiter.peek(key)
+
+    async def view(self, key: str) -> tuple[Decision, Verdict | None]:
+        return self.limiter.peek(key), self.budgets.peek(key)
 
     async def redis_state(self) -> str:
         return "disabled"
@@ -88,7 +115,10 @@ def caller_key(client_ip: str, token: str | None) -> str:
 
 
 def policy_header(settings: Settings) -> str:
-    return ", ".join(f'"{WINDOW_NAMES[w]}";q={q};w={w}' for q, w in settings.rate_windows)
+    """RateLimit-Policy: the three windows, and the token budget's item when budgets are on."""
+    items = [f'"{WINDOW_NAMES[w]}";q={q};w={w}' for q, w in settings.rate_windows]
+    tokens = LocalBudgets.policy_item_of(settings)
+    return ", ".join([*items, tokens] if tokens else items)
 
 
 def rate_limit_headers(decision: Decision, policy: str) -> list[tuple[bytes, bytes]]:

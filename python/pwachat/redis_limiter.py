@@ -62,6 +62,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from pwachat._native import Decision, RateLimiter
+from pwachat.budgets import DAY_S, GLOBAL_KEY, Admission, LocalBudgets, Ticket, Verdict, admit_locally
 from pwachat.settings import Settings, split_cluster_url
 
 __all__ = ["MAX_PENDING", "REDIS_TIMEOUT_S", "RedisBackend", "connection_options"]
@@ -92,8 +93,18 @@ REPLAY_TIMEOUT_S = 1.0
 #: How long health checks trust what the last answer from Redis showed.
 STATE_TTL_S = 1.0
 #: A check that always admits, on a window of 1 s: the probe's ARGV (it writes, so it proves writes).
-PROBE_ARGS = ("1", "1000000000", "1000")
+PROBE_ARGS = ("1", "0", "0", "0", "86400000", "1000000000", "1000")
 REPLAY_TOKEN_PREFIX = "pwachat:rlreplay:"  # noqa: S105 - a key name, not a secret
+#: The deployment's token budget (TOKENS_GLOBAL_PER_DAY): one hash, day buckets "tok:<bucket>".
+GLOBAL_BUDGET_KEY = "pwachat:budget:global"
+#: Settles (and reservations made during an outage) wait this long to go to Redis together: one
+#: replay call for every request that ended meanwhile. Until then Redis counts the reservation,
+#: which errs towards refusing.
+SETTLE_INTERVAL_S = 0.01
+#: A budget refusal from Redis is repeated locally, with no round trip, for this long: a flood
+#: from a spent caller costs Redis one call a second. (Longer could refuse a caller that settles
+#: made elsewhere have given tokens back.)
+REFUSAL_TRUST_S = 1.0
 #: Redirections (MOVED, ASK) followed for one call before it counts as failed: a slot is moved at
 #: most once or twice while a cluster is resharded.
 MAX_REDIRECTS = 5
@@ -105,17 +116,28 @@ MAX_REDIRECTS = 5
 # before the previous one, or, after a gap, whatever else that window left (HKEYS of a hash this
 # small, once per gap). So the common check runs four commands, not five (`INFO commandstats`:
 # about 22 us a call against 26 with an HDEL on every admission).
-# ARGV[1]: 1 to consume, 0 to peek; then limit, window_ms pairs.
-# Returns {allowed, now_ms, prev_1, cur_1, prev_2, cur_2, ...} with cur after consumption.
-# Lua numbers are doubles: counts times window_ms stay far below 2^53 for any sane limit.
+# The token budgets (pwachat/budgets.py) ride along in the same call: the caller's day buckets are
+# fields of the same hash ("tok:<bucket>", read by the same HMGET, written by the same HSET), the
+# deployment's a hash of its own (KEYS[2], present only when that budget is on: never on a
+# cluster). A request is admitted only if the limits have room and every budget can cover its
+# reservation; otherwise nothing is written (status 0: the limits refused, 2: the caller's budget,
+# 3: the deployment's).
+# ARGV: 1 to consume or 0 to peek, the tokens to reserve (0: none), the caller's and the
+# deployment's budget (0: off), the budgets' window (ms), then limit, window_ms pairs.
+# Returns {status, now_ms, prev_1, cur_1, ..., budget prev, cur, global prev, cur} (counts after
+# consumption; a budget that is off counts 0).
+# Lua numbers are doubles: counts times window_ms are exact below 2^53 (a budget of 10^8 a day);
+# counts are written with %d, exact up to 2^53.
 CHECK_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = (#ARGV - 1) / 2
+local tokens = tonumber(ARGV[2])
+local climit, glimit, bw = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local n = (#ARGV - 5) / 2
 local fields, cur_fields, buckets = {}, {}, {}
 local longest = 0
 for i = 1, n do
-  local w = tonumber(ARGV[2 * i + 1])
+  local w = tonumber(ARGV[2 * i + 5])
   local bucket = math.floor(now / w)
   buckets[i] = bucket
   cur_fields[i] = w .. ':' .. bucket
@@ -123,12 +145,20 @@ for i = 1, n do
   fields[2 * i] = cur_fields[i]
   if w > longest then longest = w end
 end
+local bb = math.floor(now / bw)
+local be = now - bb * bw
+local tok_cur = 'tok:' .. bb
+if climit > 0 then
+  fields[2 * n + 1] = 'tok:' .. (bb - 1)
+  fields[2 * n + 2] = tok_cur
+  if bw > longest then longest = bw end
+end
 local got = redis.call('HMGET', KEYS[1], unpack(fields))
 local ok = true
 local counts = {}
 for i = 1, n do
-  local limit = tonumber(ARGV[2 * i])
-  local w = tonumber(ARGV[2 * i + 1])
+  local limit = tonumber(ARGV[2 * i + 4])
+  local w = tonumber(ARGV[2 * i + 5])
   local elapsed = now - buckets[i] * w
   local prev = tonumber(got[2 * i - 1] or '0')
   local cur = tonumber(got[2 * i] or '0')
@@ -136,14 +166,33 @@ for i = 1, n do
   counts[2 * i - 1] = prev
   counts[2 * i] = cur
 end
-if ARGV[1] == '1' and ok then
+local cprev, ccur, gprev, gcur = 0, 0, 0, 0
+if climit > 0 then
+  cprev = tonumber(got[2 * n + 1] or '0')
+  ccur = tonumber(got[2 * n + 2] or '0')
+end
+local g = nil
+if glimit > 0 then
+  g = redis.call('HMGET', KEYS[2], 'tok:' .. (bb - 1), tok_cur)
+  gprev = tonumber(g[1] or '0')
+  gcur = tonumber(g[2] or '0')
+end
+local status = ok and 1 or 0
+if ok and tokens > 0 then
+  if climit > 0 and cprev * (bw - be) + (ccur + tokens) * bw > climit * bw then
+    status = 2
+  elseif glimit > 0 and gprev * (bw - be) + (gcur + tokens) * bw > glimit * bw then
+    status = 3
+  end
+end
+if ARGV[1] == '1' and status == 1 then
   local set, stale, keys = {}, {}, nil
   for i = 1, n do
     counts[2 * i] = counts[2 * i] + 1
     set[2 * i - 1] = cur_fields[i]
     set[2 * i] = counts[2 * i]
     if not got[2 * i] then
-      local w = ARGV[2 * i + 1]
+      local w = ARGV[2 * i + 5]
       if got[2 * i - 1] then
         stale[#stale + 1] = w .. ':' .. (buckets[i] - 2)
       else
@@ -155,19 +204,37 @@ if ARGV[1] == '1' and ok then
       end
     end
   end
+  if tokens > 0 and climit > 0 then
+    ccur = ccur + tokens
+    set[#set + 1] = tok_cur
+    set[#set + 1] = string.format('%d', ccur)
+    if not got[2 * n + 2] then stale[#stale + 1] = 'tok:' .. (bb - 2) end
+  end
   if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
   redis.call('HSET', KEYS[1], unpack(set))
   redis.call('PEXPIRE', KEYS[1], 2 * longest)
+  if tokens > 0 and glimit > 0 then
+    gcur = gcur + tokens
+    if not g[2] then redis.call('HDEL', KEYS[2], 'tok:' .. (bb - 2)) end
+    redis.call('HSET', KEYS[2], tok_cur, string.format('%d', gcur))
+    redis.call('PEXPIRE', KEYS[2], 2 * bw)
+  end
 end
-local out = {ok and 1 or 0, now}
+local out = {status, now}
 for i = 1, 2 * n do out[i + 2] = counts[i] end
+out[2 * n + 3] = cprev
+out[2 * n + 4] = ccur
+out[2 * n + 5] = gprev
+out[2 * n + 6] = gcur
 return out
 """
 
 
-# Adds one batch of admissions made during an outage: KEYS[1] is the batch's token, KEYS[2..] the
-# callers' hashes; ARGV[1] the token's life and ARGV[2] the hashes' (ms), then for each hash a field
-# count n and n (field, increment) pairs. The token is written first and only if absent, so a batch
+# Adds one batch of admissions made during an outage, or of token budget changes (settles, which
+# may be negative: a count is never left below 0, and reservations made during an outage): KEYS[1]
+# is the batch's token, KEYS[2..] the callers' hashes (and the deployment's budget); ARGV[1] the
+# token's life and ARGV[2] the hashes' (ms), then for each hash a field count n and n (field,
+# increment) pairs. The token is written first and only if absent, so a batch
 # sent again (its answer lost or late) is not added twice, and a Redis refusing writes refuses the
 # whole batch. A hash the script cannot add to (someone else's data there) is skipped, not fatal.
 # Returns 1 when applied now, 0 when it had been already.
@@ -176,7 +243,10 @@ if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
 local a = 3
 for i = 2, #KEYS do
   local n = tonumber(ARGV[a])
-  for j = a + 1, a + 2 * n, 2 do redis.pcall('HINCRBY', KEYS[i], ARGV[j], ARGV[j + 1]) end
+  for j = a + 1, a + 2 * n, 2 do
+    local v = redis.pcall('HINCRBY', KEYS[i], ARGV[j], ARGV[j + 1])
+    if type(v) == 'number' and v < 0 then redis.pcall('HSET', KEYS[i], ARGV[j], '0') end
+  end
   redis.pcall('PEXPIRE', KEYS[i], ARGV[2])
   a = a + 1 + 2 * n
 end
@@ -184,7 +254,13 @@ return 1
 """
 
 # The allowed flag of a check's reply; anything else is not a reply of the script's.
-_ALLOWED = {1: True, 0: False}
+_STATUS = {1: "admitted", 0: "limited", 2: "caller", 3: "global"}
+
+
+def _probe_answered(raw: Any) -> bool:
+    """The probe's reply as the script makes it: admitted, the time, one window's pair, the
+    budgets' two pairs."""
+    return isinstance(raw, list) and len(raw) == 8 and all(type(v) is int for v in raw) and raw[0] == 1
 
 
 class BadReply(Exception):
@@ -393,8 +469,28 @@ class RedisBackend:
         # the key differs between checks (RESP framing by hand saves redis-py's per-call
         # `pack_command`, about a tenth of the Python cost of a check).
         limits = [str(v) for q, w in self.windows for v in (q, w * 1000)]
-        self._consume = _packed_parts(self.sha, ["1", *limits])
-        self._peek = _packed_parts(self.sha, ["0", *limits])
+        # The budgets: the deployment's hash is KEYS[2] when its budget is on; the tokens to
+        # reserve are the one argument that differs between checks (`_reserving`).
+        self.budgets = LocalBudgets(settings, max_keys=max_keys)
+        budget_args = [str(settings.tokens_per_day), str(settings.tokens_global_per_day), str(DAY_S * 1000)]
+        more_keys = [GLOBAL_BUDGET_KEY] if settings.tokens_global_per_day else []
+        rest = _resp(*budget_args, *limits)
+        self._head = b"*%d\r\n" % (6 + len(more_keys) + len(budget_args) + len(limits)) + _resp(
+            "EVALSHA", self.sha, str(1 + len(more_keys))
+        )
+        self._consume_mid = _resp(*more_keys, "1")
+        self._rest = rest
+        self._consume = (self._head, self._consume_mid + _resp("0") + rest)
+        self._peek = (self._head, _resp(*more_keys, "0", "0") + rest)
+        self._n_counts = 2 * len(self.windows)
+        # Token budget changes for Redis ((caller or GLOBAL_KEY, day bucket) -> tokens, the net of
+        # settles, and of reservations made while it was away), sent in batches by `_flush_deltas`,
+        # the batch in flight kept with its token until Redis confirms it (as `pending`).
+        self.deltas: dict[tuple[str, int], int] = {}
+        self._delta_batch: tuple[str, list[tuple[tuple[str, int], int]]] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        # Keys (a caller, or GLOBAL_KEY) whose budget Redis refused, until when that is trusted.
+        self._refused_until: dict[str, float] = {}
         # The probe's key is this process's own (and gone 2 s after its last probe): nobody else's
         # data there can make it fail.
         self._probe_key = "pwachat:rlprobe:" + secrets.token_hex(8)
@@ -442,7 +538,7 @@ class RedisBackend:
         except NoScriptError:
             await self.redis.script_load(CHECK_LUA)
             raw = await self.redis.evalsha(self.sha, 1, self._probe_key, *PROBE_ARGS)
-        if not (isinstance(raw, list) and len(raw) == 4 and all(type(v) is int for v in raw) and raw[0] == 1):
+        if not _probe_answered(raw):
             raise BadReply("the probe's reply")
 
     def _key_name(self, key: str) -> str:
@@ -468,9 +564,7 @@ class RedisBackend:
 
         async def one(key: bytes) -> None:
             raw = await cluster.call(key, b"".join((head, _bulk(key), tail)), CHECK_LUA)
-            if not (
-                isinstance(raw, list) and len(raw) == 4 and all(type(v) is int for v in raw) and raw[0] == 1
-            ):
+            if not _probe_answered(raw):
                 raise BadReply("the probe's reply")
 
         tasks = [asyncio.ensure_future(one(k)) for k in keys.values()]
@@ -512,10 +606,11 @@ class RedisBackend:
             await conn.disconnect()
         return raw
 
-    async def _call(self, key: str, packed: tuple[bytes, bytes]) -> Decision:
-        """One check on Redis, its answer written into the local limiter. Raises what redis-py
-        raises for a failed call, TimeoutError past the deadline, and BadReply for an answer that
-        cannot be used (malformed, counts out of range, an error about this caller's hash)."""
+    async def _call(self, key: str, packed: tuple[bytes, bytes], tokens: int = 0) -> Admission:
+        """One check on Redis (reserving `tokens`), its answer written into the local limiter and
+        budgets. Raises what redis-py raises for a failed call, TimeoutError past the deadline, and
+        BadReply for an answer that cannot be used (malformed, counts out of range, an error about
+        this caller's hash)."""
         # The deadline is kept by one watchdog for all the calls in flight (`_watch`), not by a
         # timer per call: arming and disarming a timer and an `asyncio.timeout` per check cost
         # about 11 us, a tenth of a loopback check (benches/test_bench_limits.py).
@@ -547,12 +642,38 @@ class RedisBackend:
         self._last_reply = loop.time()
         self._timeouts = 0  # an answer ends a run of timeouts
         try:
-            # `sync` refuses counts that are not one (prev, cur) pair of u32 per window and a time
-            # that is not a finite number: the checks here are the ones it does not make.
-            counts = [(raw[i], raw[i + 1]) for i in range(2, len(raw), 2)]
-            return self.limiter.sync(key, raw[1] / 1000, counts, _ALLOWED[raw[0]])
+            return self._decide(key, raw, tokens, loop.time())
         except (TypeError, ValueError, OverflowError, IndexError, KeyError):
             raise BadReply("a check's reply") from None
+
+    def _decide(self, key: str, raw: list[Any], tokens: int, now: float) -> Admission:
+        """The script's reply as this process's decision (see CHECK_LUA), its counts written into
+        the local limiter and budgets. `sync` refuses counts that are not one (prev, cur) pair of
+        u32 per window, negative budget counts and a time that is not a finite number: the checks
+        here are the ones it does not make."""
+        n = self._n_counts
+        if len(raw) != n + 6:
+            raise IndexError
+        status = _STATUS[raw[0]]
+        at = raw[1] / 1000
+        counts = [(raw[i], raw[i + 1]) for i in range(2, n + 2, 2)]
+        decision = self.limiter.sync(key, at, counts, status != "limited")
+        budgets = self.budgets
+        if not budgets.on:
+            return Admission(decision)
+        spent = raw[n + 2 :]
+        if any(type(v) is not int for v in spent):
+            raise TypeError
+        verdict, ticket = budgets.sync(key, at, tuple(spent), tokens, status == "admitted")  # type: ignore[arg-type]
+        if status == "limited" or tokens == 0:
+            return Admission(decision, verdict if tokens == 0 else None)
+        if status != "admitted":
+            verdict.refused_by = status
+            refused = self._refused_until
+            if len(refused) > 10_000:
+                refused.clear()
+            refused[key if status == "caller" else GLOBAL_KEY] = now + REFUSAL_TRUST_S
+        return Admission(decision, verdict, ticket)
 
     def _watch(self, when: float) -> None:
         """Every `WATCH_TICK_S` while checks are in flight: time out those past their deadline.
@@ -580,27 +701,117 @@ class RedisBackend:
             self._watchdog = None
 
     async def hit(self, key: str) -> Decision:
+        return (await self.admit(key, 0)).decision
+
+    async def admit(self, key: str, tokens: int) -> Admission:
+        budgets = self.budgets
+        if not budgets.on:
+            tokens = 0
         if self.up:
             local = self.limiter.peek(key)
             if not local.allowed:
-                return local  # over its limit globally too: no round trip
+                return Admission(local)  # over its limit globally too: no round trip
+            if tokens:
+                verdict = budgets.peek(key, tokens)
+                if verdict is not None and verdict.refused_by is not None:
+                    # Redis refused it just now (or it can never fit): no round trip.
+                    until = self._refused_until.get(key if verdict.refused_by == "caller" else GLOBAL_KEY)
+                    if tokens > verdict.decision.limit or (
+                        until is not None and until > asyncio.get_running_loop().time()
+                    ):
+                        return Admission(local, verdict)
+                packed = (self._head, b"".join((self._consume_mid, _bulk(b"%d" % tokens), self._rest)))
+            else:
+                packed = self._consume
             try:
-                return await self._call(key, self._consume)
+                return await self._call(key, packed, tokens)
             except BadReply as err:
                 # Redis ran the script, and counted what it admitted: decided here, not replayed.
                 self._bad_reply(err)
-                return self.limiter.check(key)
+                return admit_locally(self.limiter, budgets, key, tokens)
             except (RedisError, OSError, TimeoutError) as err:
                 self._failed(err)
-        decision = self.limiter.check(key)
-        if decision.allowed:
+        admission = admit_locally(self.limiter, budgets, key, tokens)
+        if admission.allowed:
             self._remember(key)
-        return decision
+            if admission.ticket is not None:  # Redis is to count it when it is back
+                self._add_delta(admission.ticket, admission.ticket.tokens)
+        return admission
+
+    def settle(self, ticket: Ticket, used: int) -> None:
+        """The reservation replaced by what was used: here at once, in Redis with the next batch
+        of settles (`_flush_deltas`), or after an outage, with the rest of what it missed."""
+        if ticket.settled:
+            return
+        ticket.settled = True
+        used = max(0, used)
+        if used == ticket.tokens:
+            return
+        self.budgets.settle(ticket, used)
+        self._add_delta(ticket, used - ticket.tokens)
+
+    def _add_delta(self, ticket: Ticket, delta: int) -> None:
+        deltas = self.deltas
+        keys = []
+        if self.budgets.caller is not None:
+            keys.append((ticket.key, ticket.bucket))
+        if self.budgets.overall is not None:
+            keys.append((GLOBAL_KEY, ticket.bucket))
+        for entry in keys:
+            now = deltas.get(entry)
+            if now is None and len(deltas) >= self.max_pending:
+                del deltas[next(iter(deltas))]  # the oldest: memory bound over a long outage
+            deltas[entry] = (now or 0) + delta
+        if self.up and self._flusher is None and not self._closing:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_deltas())
+
+    async def _flush_deltas(self) -> None:
+        """While Redis is up: every SETTLE_INTERVAL_S, what has been settled meanwhile, in one call.
+        A failed call is kept (its batch sent again, under its token) and counts as a check's
+        failure would; while Redis is down the reconnect loop sends it before resuming."""
+        try:
+            while (self.deltas or self._delta_batch is not None) and self.up and not self._closing:
+                await asyncio.sleep(SETTLE_INTERVAL_S)
+                if not self.up:
+                    return
+                try:
+                    async with asyncio.timeout(REPLAY_TIMEOUT_S):
+                        await self._send_deltas()
+                except (RedisError, OSError, TimeoutError, BadReply) as err:
+                    self._failed(err)
+        finally:
+            self._flusher = None
+
+    async def _send_deltas(self) -> None:
+        """Every budget change not yet in Redis, in batches of `REPLAY_BATCH`, each applied once
+        (the replay script and its token). Raises as redis-py does; what was not confirmed stays."""
+        while True:
+            if self._delta_batch is None:
+                deltas = self.deltas
+                if not deltas:
+                    return
+                take = [next(iter(deltas)) for _ in range(min(REPLAY_BATCH, len(deltas)))]
+                self._delta_batch = (
+                    REPLAY_TOKEN_PREFIX + secrets.token_hex(16),
+                    [(entry, deltas.pop(entry)) for entry in take],
+                )
+            token, entries = self._delta_batch
+            if self._cluster is not None:
+                await self._replay_cluster(token, entries, self._budget_fields, "_delta_batch")
+            else:
+                command = self._replay_command(token, entries, self._budget_fields)
+                if command is not None:
+                    await self._send_replay(command)
+            self._delta_batch = None
 
     async def peek(self, key: str) -> Decision:
+        return (await self.view(key))[0]
+
+    async def view(self, key: str) -> tuple[Decision, Verdict | None]:
         if self.up:
             try:
-                return await self._call(key, self._peek)
+                got = await self._call(key, self._peek)
+                return got.decision, got.budget
             except BadReply as err:
                 self._bad_reply(err)
             except (RedisError, OSError, TimeoutError):
@@ -608,7 +819,7 @@ class RedisBackend:
                 # them through a busy loop would time out together. Checks and the health probe
                 # find real outages; a peek only answers from what this process knows.
                 pass
-        return self.limiter.peek(key)
+        return self.limiter.peek(key), self.budgets.peek(key)
 
     async def redis_state(self) -> str:
         # Health checks come as often as anyone sends them. An answer from Redis within the last
@@ -699,7 +910,9 @@ class RedisBackend:
                 )
                 continue
             # `_replay` has just found nothing left to send: up from here, with no await in between
-            # (an admission made meanwhile would be remembered and never replayed).
+            # (an admission made meanwhile would be remembered and never replayed). The budget
+            # changes made meanwhile go with the first batch of settles (`_flush_deltas`): every
+            # request settles, so under load they are never all sent at one moment.
             stale, self._idle = self._idle, []
             self.up = True
             self._timeouts = 0
@@ -707,6 +920,8 @@ class RedisBackend:
             self._bad_reply_logged = False
             self._reconnect = None
             log.warning("Redis reachable again; global limiting resumed", extra={"event": "redis_up"})
+            if self.deltas and self._flusher is None:
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_deltas())
             for conn in stale:  # connections from before the outage are dead
                 await conn.disconnect(nowait=True)
             return
@@ -733,27 +948,33 @@ class RedisBackend:
             token, entries = self._batch
             if self._cluster is not None:
                 async with asyncio.timeout(REPLAY_TIMEOUT_S):
-                    await self._replay_cluster(token, entries)
+                    await self._replay_cluster(token, entries, self._window_fields, "_batch")
                 self._batch = None
                 await asyncio.sleep(0)
                 continue
-            command = self._replay_command(token, entries)
+            command = self._replay_command(token, entries, self._window_fields)
             if command is not None:  # None: nothing in it that a window still counts
                 async with asyncio.timeout(REPLAY_TIMEOUT_S):
-                    try:
-                        applied = await self._send(command)
-                    except NoScriptError:
-                        await self.redis.script_load(REPLAY_LUA)
-                        applied = await self._send(command)
-                if applied not in (0, 1):
-                    raise BadReply("a replay's reply")
+                    await self._send_replay(command)
             self._batch = None
             await asyncio.sleep(0)
 
-    async def _replay_cluster(self, token: str, entries: list[tuple[tuple[str, int], int]]) -> None:
+    async def _send_replay(self, command: bytes) -> None:
+        try:
+            applied = await self._send(command)
+        except NoScriptError:
+            await self.redis.script_load(REPLAY_LUA)
+            applied = await self._send(command)
+        if applied not in (0, 1):
+            raise BadReply("a replay's reply")
+
+    async def _replay_cluster(
+        self, token: str, entries: list[tuple[tuple[str, int], int]], fields: Any, batch: str
+    ) -> None:
         """A batch on a cluster: one replay call per slot, its token key in that slot (tagged with
         the slot's first caller, so a batch sent again names the same token keys). The slots
-        confirmed are dropped from the batch, so a batch cut short is sent again for the rest."""
+        confirmed are dropped from the batch (the attribute named `batch`), so a batch cut short is
+        sent again for the rest."""
         assert self._cluster is not None
         by_slot: dict[int, list[tuple[tuple[str, int], int]]] = {}
         for entry in entries:
@@ -762,7 +983,7 @@ class RedisBackend:
         try:
             for slot, group in by_slot.items():
                 token_key = f"{REPLAY_TOKEN_PREFIX}{{{group[0][0][0]}}}{token}"
-                command = self._replay_command(token_key, group)
+                command = self._replay_command(token_key, group, fields)
                 if command is not None:
                     applied = await self._cluster.call(token_key.encode(), command, REPLAY_LUA)
                     if applied not in (0, 1):
@@ -770,11 +991,26 @@ class RedisBackend:
                 done.add(slot)
         finally:
             if done and len(done) < len(by_slot):
-                self._batch = (token, [e for s, g in by_slot.items() if s not in done for e in g])
+                setattr(self, batch, (token, [e for s, g in by_slot.items() if s not in done for e in g]))
 
-    def _replay_command(self, token: str, entries: list[tuple[tuple[str, int], int]]) -> bytes | None:
+    def _window_fields(self, bucket: int, now: int) -> list[bytes]:
+        """The request windows' fields that an admission in `bucket` (of `_grain` seconds) counts
+        in, those that a window still counts (the current or the previous one)."""
+        start = bucket * self._grain
+        return [
+            _bulk(b"%d:%d" % (w * 1000, start // w)) for w in self._window_s if start // w >= now // w - 1
+        ]
+
+    @staticmethod
+    def _budget_fields(bucket: int, now: int) -> list[bytes]:
+        """A budget day bucket's field, while it still counts (the current or the previous day)."""
+        return [_bulk(b"tok:%d" % bucket)] if bucket >= now // DAY_S - 1 else []
+
+    def _replay_command(
+        self, token: str, entries: list[tuple[tuple[str, int], int]], fields_for: Any
+    ) -> bytes | None:
         """The replay script's EVALSHA for a batch, in RESP: each caller once, with each of its
-        buckets that a window still counts (the current or the previous one) and the batch's sum.
+        fields (`fields_for(bucket, now)`: the buckets that still count) and the batch's sum.
         Packed by hand, the bucket fields once per batch: redis-py's `pack_command` would take more
         than half of a replay's time (200k callers: seconds)."""
         now = int(time.time())
@@ -783,20 +1019,16 @@ class RedisBackend:
         for (key, bucket), count in entries:
             fields = fields_of.get(bucket)
             if fields is None:
-                start = bucket * self._grain
-                fields = fields_of[bucket] = [
-                    _bulk(b"%d:%d" % (w * 1000, start // w))
-                    for w in self._window_s
-                    if start // w >= now // w - 1
-                ]
-            if fields:
+                fields = fields_of[bucket] = fields_for(bucket, now)
+            if fields and count:
                 mine = per_key.setdefault(key, {})
                 for f in fields:
                     mine[f] = mine.get(f, 0) + count
         if not per_key:
             return None
         ttl = _bulk(b"%d" % (2 * 1000 * self._longest))  # the token matters as long as the counts
-        parts = [_bulk(token.encode()), *(_bulk(self._key_name(key).encode()) for key in per_key), ttl, ttl]
+        names = [GLOBAL_BUDGET_KEY if key == GLOBAL_KEY else self._key_name(key) for key in per_key]
+        parts = [_bulk(token.encode()), *(_bulk(name.encode()) for name in names), ttl, ttl]
         for sums in per_key.values():
             parts.append(_bulk(b"%d" % len(sums)))
             for f, c in sums.items():
@@ -819,7 +1051,15 @@ class RedisBackend:
             await pool.release(conn)
 
     async def aclose(self) -> None:
+        if self.up and (self.deltas or self._delta_batch is not None):
+            # The settles of the last requests: otherwise Redis would go on counting their whole
+            # reservations for a day.
+            with contextlib.suppress(RedisError, OSError, TimeoutError, BadReply):
+                async with asyncio.timeout(REPLAY_TIMEOUT_S):
+                    await self._send_deltas()
         self._closing = True
+        if self._flusher is not None:
+            self._flusher.cancel()
         if self._reconnect is not None:
             self._reconnect.cancel()
         if self._watchdog is not None:

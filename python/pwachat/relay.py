@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -219,6 +220,7 @@ class EventStream:
         "owner",
         "provider",
         "request_id",
+        "settle",
         "started",
         "streams",
         "upstream",
@@ -240,6 +242,7 @@ class EventStream:
         started: float,
         streams: Streams,
         owner: str,
+        settle: Callable[[int], None],
     ) -> None:
         self.opening = opening
         self.started = started  # time.monotonic() when the provider request began
@@ -254,6 +257,7 @@ class EventStream:
         self.gap_s = gap_s
         self.streams = streams
         self.owner = owner
+        self.settle = settle  # the token reservation, replaced by what was used at the end
         self.attached = True  # the original reader is still there
         self.logged = 0  # events appended to the log so far
         self.upstream: ProviderStream | None = None
@@ -330,9 +334,12 @@ class EventStream:
                 abandon(self.opening)  # still waiting for the head
             elif stream is None and not self.opening.cancelled() and self.opening.exception() is None:
                 stream = self.opening.result()
-            if stream is not None:
+            if stream is None or ("error" in fields and not fields.get("output_chars")):
+                self.settle(0)  # the provider failed (or was stopped) before producing anything
+            else:
                 if "input_tokens" not in fields:  # ended otherwise than done: what was used so far
                     _usage(stream, fields)
+                self.settle(fields["input_tokens"] + fields["output_tokens"])
                 await stream.aclose()
 
     async def _relay(self, send: Any, enc: SseEncoder) -> ProviderStream | None:

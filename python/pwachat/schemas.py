@@ -218,11 +218,21 @@ class WindowCounts(msgspec.Struct, frozen=True):
     per_day: int
 
 
+class TokenCounts(msgspec.Struct, frozen=True):
+    """The caller's token budget (the tighter of its own and the deployment's): tokens per day,
+    tokens left now, whole seconds until one more token fits (0 while one does)."""
+
+    limit: int
+    remaining: int
+    reset_s: int
+
+
 class RateLimitResponse(msgspec.Struct, frozen=True):
     backend: str
     limits: WindowCounts
     remaining: WindowCounts
     reset_s: WindowCounts
+    tokens: TokenCounts | None = None  # null when budgets are off (TOKENS_PER_DAY=0, no global)
 
 
 class StopResponse(msgspec.Struct, frozen=True):

@@ -120,6 +120,9 @@ PROVIDER_ALIASES = {a: spec.name for spec in BUILTIN_PROVIDERS for a in (spec.na
 PROVIDER_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 PROVIDER_FORMATS = ("openai", "anthropic")
 
+#: The largest token budget: Redis's script reads counts as doubles, exact below 2**53.
+BUDGET_MAX = 10**15
+
 _ON = {"1", "true", "yes", "on"}
 _OFF = {"0", "false", "no", "off"}
 
@@ -179,6 +182,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     stream_grace_s: float = 20.0
     stream_retain_s: float = 120.0
     stream_memory_mb: int = 256
+    #: Token budgets (pwachat/budgets.py) over a sliding day, input + output tokens: per caller,
+    #: and for the whole deployment (every caller together); 0 turns one off.
+    tokens_per_day: int = 200_000
+    tokens_global_per_day: int = 0
     #: How many requests one worker serves at once, held streams included (Granian's backpressure);
     #: past it, connections wait in the listen backlog.
     max_concurrency: int = 4096
@@ -326,6 +333,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             stream_grace_s=r.float("STREAM_GRACE_S", 20.0, lo=0, hi=3600),
             stream_retain_s=r.float("STREAM_RETAIN_S", 120.0, lo=0, hi=86400),
             stream_memory_mb=r.int("STREAM_MEMORY_MB", 256, lo=1, hi=1_000_000),
+            tokens_per_day=r.int("TOKENS_PER_DAY", 200_000, lo=0, hi=BUDGET_MAX),
+            tokens_global_per_day=r.int("TOKENS_GLOBAL_PER_DAY", 0, lo=0, hi=BUDGET_MAX),
             max_concurrency=r.int("MAX_CONCURRENCY", 4096, lo=1, hi=1_000_000),
             metrics_token=r.raw("METRICS_TOKEN") or "",
             log_level=r.choice("LOG_LEVEL", LOG_LEVELS, "INFO", upper=True) or "INFO",
@@ -333,6 +342,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             provider_sdk_config=r.raw("PWACHAT_SDK_CONFIG") or None,
             metrics_dir=r.raw("PWACHAT_METRICS_DIR") or None,
         )
+        if s.tokens_global_per_day and split_cluster_url(s.redis_url) is not None:
+            # The deployment's budget and a caller's limits in one atomic script need one slot.
+            raise ConfigError(
+                "TOKENS_GLOBAL_PER_DAY: not available with a Redis Cluster (one atomic check cannot "
+                "span two hash slots); use a single Redis (with replicas) or leave it 0"
+            )
         if s.default_provider is not None:
             name = aliases[s.default_provider]
             if not s.provider_configured(name):

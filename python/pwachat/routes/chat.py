@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -27,8 +28,10 @@ from litestar.types import ASGIApp
 
 from pwachat._native import SanitizeError, sanitize_chat
 from pwachat.auth import authorize
+from pwachat.budgets import Ticket, budget_headers, cost
 from pwachat.errors import (
     ApiError,
+    BudgetExceeded,
     ErrorDetail,
     HttpsRequired,
     InvalidJson,
@@ -57,7 +60,7 @@ from pwachat.providers import (
     UpstreamTimeout,
     fallback_worthy,
 )
-from pwachat.ratelimit import caller_key, rate_limit_headers, refusal
+from pwachat.ratelimit import RateLimitBackend, caller_key, rate_limit_headers, refusal
 from pwachat.relay import NO_ANSWER, STREAM_HEADERS, EventStream, abandon, open_upstream, reader_gone
 from pwachat.schemas import ChatRequest, ChatResponse, Usage, chat_request_document, stream_event_document
 from pwachat.services import Services
@@ -79,6 +82,7 @@ class Prepared:
     headers: list[tuple[bytes, bytes]]  # the rate-limit headers every later answer carries
     log: dict[str, Any]
     caller: str  # `ratelimit.caller_key`: whose quota, and whose stream
+    settle: Callable[[int], None]  # the token reservation replaced by what was used (once)
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -209,25 +213,56 @@ async def prepare(scope: Any, receive: Any, svc: Services) -> Prepared:
     fields.update(provider=name, model=model)
 
     caller = caller_key(client_ip(scope), token)
-    decision = await svc.limiter.hit(caller)
-    # Redis decided if it is still up after the hit (a failed round trip leaves it down: local).
-    METRICS.ratelimit(decision.allowed, "redis" if getattr(svc.limiter, "up", False) else "local")
-    if not decision.allowed:
-        raise refusal(decision, svc.policy)
-    headers = rate_limit_headers(decision, svc.policy)
     provider = svc.providers.serving.get(name)
-    if provider is None:
-        raise _with_headers(svc.providers.not_configured(name), headers)
     chat = ChatInput(
-        model=model or provider.models[0],
+        model=model or (provider.models[0] if provider is not None else ""),
         system=settings.system_prompt,
         history=[(h.role, c) for h, c in zip(history, contents, strict=True)],
         message=message,
         temperature=settings.temperature if req.temperature is None else req.temperature,
         max_tokens=settings.max_tokens if req.max_tokens is None else req.max_tokens,
     )
+    # The request limits and the token reservation, decided together (a provider that cannot serve
+    # reserves nothing: it answers 503 before any token could be spent).
+    limiter = svc.limiter
+    tokens = cost(chat) if provider is not None and limiter.budgets.on else 0
+    admission = await limiter.admit(caller, tokens)
+    decision = admission.decision
+    # Redis decided if it is still up after the hit (a failed round trip leaves it down: local).
+    METRICS.ratelimit(admission.allowed, "redis" if getattr(limiter, "up", False) else "local")
+    if not decision.allowed:
+        raise refusal(decision, svc.policy)
+    headers = rate_limit_headers(decision, svc.policy)
+    verdict = admission.budget
+    if verdict is not None:
+        if verdict.refused_by is not None:
+            fields["budget"] = verdict.refused_by  # whose budget refused (never the caller's id)
+            raise _with_headers(limiter.budgets.refusal(verdict, tokens), headers)
+        headers += budget_headers(verdict.decision)
+    if provider is None:
+        raise _with_headers(svc.providers.not_configured(name), headers)
     fields["model"] = chat.model
-    return Prepared("chat_" + os.urandom(12).hex(), provider, chat, headers, fields, caller)
+    ticket = admission.ticket
+    if ticket is not None:
+        METRICS.budget_tokens("reserved", ticket.tokens)
+        settle = partial(_settle, limiter, ticket)
+    else:
+        settle = _no_settle
+    return Prepared("chat_" + os.urandom(12).hex(), provider, chat, headers, fields, caller, settle)
+
+
+def _settle(limiter: RateLimitBackend, ticket: Ticket, used: int) -> None:
+    if ticket.settled:
+        return
+    used = max(0, used)
+    METRICS.budget_tokens("settled", used)
+    if ticket.tokens > used:
+        METRICS.budget_tokens("released", ticket.tokens - used)
+    limiter.settle(ticket, used)
+
+
+def _no_settle(used: int) -> None:
+    return None
 
 
 _SANITIZE_REASONS = {
@@ -299,22 +334,11 @@ async def answer_chat(scope: Any, receive: Any, svc: Services) -> JsonAnswer:
     timeout_s = svc.settings.upstream_timeout_s
     fallback = svc.providers.fallbacks.get(p.provider.name)
     try:
-        if fallback is None:
-            done = await _complete(p, timeout_s, None)
-        elif fallback.breaker.skips():
-            _fall_back(p, fallback, "circuit_open")
-            done = await _complete(p, timeout_s, fallback.target_breaker)
-        else:
-            try:
-                done = await _complete(p, timeout_s, fallback.breaker)
-            except ProviderError as err:
-                if not fallback_worthy(err):
-                    raise
-                _fall_back(p, fallback, err.code)  # once: the fallback's failure is the answer
-                done = await _complete(p, timeout_s, fallback.target_breaker)
-    except ProviderError as err:
-        p.log["error"] = err.code
-        raise _with_headers(err, p.headers) from None
+        done = await _answer(p, timeout_s, fallback)
+    except BaseException:
+        p.settle(0)  # a failed request costs nothing: nothing was answered
+        raise
+    p.settle(done.input_tokens + done.output_tokens)
     name, model = p.provider.name, p.chat.model
     METRICS.token_usage(name, model, done.input_tokens, done.output_tokens)
     p.log.update(
@@ -336,6 +360,28 @@ async def answer_chat(scope: Any, receive: Any, svc: Services) -> JsonAnswer:
     return JsonAnswer(_encode(body), p.headers)
 
 
+async def _answer(p: Prepared, timeout_s: float, fallback: Fallback | None) -> Completion:
+    """The whole answer of the provider or of its fallback, or the error to answer."""
+    try:
+        if fallback is None:
+            done = await _complete(p, timeout_s, None)
+        elif fallback.breaker.skips():
+            _fall_back(p, fallback, "circuit_open")
+            done = await _complete(p, timeout_s, fallback.target_breaker)
+        else:
+            try:
+                done = await _complete(p, timeout_s, fallback.breaker)
+            except ProviderError as err:
+                if not fallback_worthy(err):
+                    raise
+                _fall_back(p, fallback, err.code)  # once: the fallback's failure is the answer
+                done = await _complete(p, timeout_s, fallback.target_breaker)
+    except ProviderError as err:
+        p.log["error"] = err.code
+        raise _with_headers(err, p.headers) from None
+    return done
+
+
 def _open(p: Prepared, svc: Services, request_id: str, breaker: Breaker | None) -> asyncio.Task[Any]:
     opening = open_upstream(p.provider, p.chat, svc.settings.upstream_timeout_s, request_id)
     if breaker is not None:  # told when the head arrives or the opening fails, committed or not
@@ -346,8 +392,21 @@ def _open(p: Prepared, svc: Services, request_id: str, breaker: Breaker | None) 
 async def answer_stream(scope: Any, receive: Any, svc: Services) -> RawApp:
     """POST /api/chat/stream: the answer as Server-Sent Events (the provider's, or its fallback's
     when the provider failed before the stream was committed)."""
-    settings = svc.settings
     p = await prepare(scope, receive, svc)
+    try:
+        answer = await _commit(p, scope, receive, svc)
+    except BaseException:
+        p.settle(0)  # failed before anything was committed: it costs nothing
+        raise
+    if answer is NO_ANSWER:
+        p.settle(0)  # the reader left first, and the provider request went with it
+    return answer
+
+
+async def _commit(p: Prepared, scope: Any, receive: Any, svc: Services) -> RawApp:
+    """The stream once committed (its relay settles the reservation), or NO_ANSWER, or raises
+    the JSON error to answer."""
+    settings = svc.settings
     p.log.update(stream=True, events=0, output_chars=0)
     request_id = scope["state"]["request_id"]
     fallback = svc.providers.fallbacks.get(p.provider.name)
@@ -406,6 +465,7 @@ async def answer_stream(scope: Any, receive: Any, svc: Services) -> RawApp:
         started=started,
         streams=svc.streams,
         owner=p.caller,
+        settle=p.settle,
     )
 
 
@@ -440,6 +500,7 @@ CHAT_ERRORS = (
     UnknownProvider,
     UnknownModel,
     RateLimited,
+    BudgetExceeded,
     ProviderNotConfigured,
     UpstreamError,
     UpstreamRateLimited,
