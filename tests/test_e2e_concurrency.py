@@ -42,6 +42,7 @@ def serve(tmp, fake: FakeUpstream, **env: str) -> Server:
         RATELIMIT_PER_MINUTE="100000",
         RATELIMIT_PER_HOUR="100000",
         RATELIMIT_PER_DAY="100000",
+        TOKENS_PER_DAY="0",  # one caller holding 1500 streams: no budget covers that (nor should)
         LOG_LEVEL="WARNING",
         **env,
     )

@@ -197,3 +197,55 @@ def test_the_script_keeps_only_the_buckets_that_still_count(redis: RedisServer) 
                 consume_and_check()
     consume_and_check()
     assert len(seen) >= 5
+
+
+def test_the_script_reserves_tokens_all_or_nothing_and_keeps_only_the_budget_buckets_that_count(
+    redis: RedisServer,
+) -> None:
+    # The budgets in the check script, with a 100 ms budget window so that its buckets age within
+    # the test: a reservation is written to the caller's hash and the deployment's only when both
+    # budgets and the limits have room; each hash keeps the current and at most the previous
+    # bucket, and has a TTL.
+    from pwachat.redis_limiter import CHECK_LUA, GLOBAL_BUDGET_KEY
+
+    sha = str(redis.command("SCRIPT", "LOAD", CHECK_LUA))
+    key = "pwachat:rl:budget-test"
+    limits = ["100000", "600000"]  # one request window of 10 minutes, never full here
+
+    def reserve(tokens: int, caller: int = 1000, overall: int = 1500) -> list[int]:
+        args = ["1", str(tokens), str(caller), str(overall), "100", *limits]
+        return redis.command("EVALSHA", sha, "2", key, GLOBAL_BUDGET_KEY, *args)  # type: ignore[return-value]
+
+    def tok_fields(name: str) -> dict[str, int]:
+        flat = redis.command("HGETALL", name)
+        pairs = dict(zip(flat[::2], flat[1::2], strict=True))  # type: ignore[index]
+        return {f: int(v) for f, v in pairs.items() if f.startswith("tok:")}
+
+    # Wait for the start of a bucket, on Redis's clock, so that the first three land in one.
+    sec, usec = redis.command("TIME")  # type: ignore[misc]
+    while (int(sec) * 1000 + int(usec) // 1000) % 100 > 20:
+        sec, usec = redis.command("TIME")  # type: ignore[misc]
+    status, now, _prev, count, _cprev, ccur, _gprev, gcur = reserve(600)
+    bucket = now // 100
+    assert (status, count, ccur, gcur) == (1, 1, 600, 600)
+    # The caller's budget cannot cover 500 more: refused, nothing written anywhere.
+    status, _, _, count, _, ccur, _, gcur = reserve(500)
+    assert (status, count, ccur, gcur) == (2, 1, 600, 600)
+    # Its own budget could (a larger one), the deployment's cannot: refused by that, nothing written.
+    status, _, _, count, _, ccur, _, gcur = reserve(1000, caller=10_000)
+    assert (status, count, ccur, gcur) == (3, 1, 600, 600)
+    assert tok_fields(key) == {f"tok:{bucket}": 600}
+    assert tok_fields(GLOBAL_BUDGET_KEY) == {f"tok:{bucket}": 600}
+    assert 0 < int(redis.command("PTTL", GLOBAL_BUDGET_KEY)) <= 200  # type: ignore[arg-type]
+    # Later buckets: only the current one and the one before stay (the previous fading).
+    for _ in range(4):
+        sec, usec = redis.command("TIME")  # type: ignore[misc]
+        target = (bucket + 1) * 100
+        while int(sec) * 1000 + int(usec) // 1000 < target:
+            sec, usec = redis.command("TIME")  # type: ignore[misc]
+        status, now, *_ = reserve(1, caller=10**9, overall=10**9)
+        assert status == 1
+        bucket = now // 100
+        for name in (key, GLOBAL_BUDGET_KEY):
+            assert f"tok:{bucket}" in tok_fields(name)
+            assert set(tok_fields(name)) <= {f"tok:{bucket}", f"tok:{bucket - 1}"}

@@ -83,6 +83,11 @@ class LocalBudgets:
     def reserve(self, key: str, tokens: int) -> tuple[Verdict, Ticket | None]:
         """Check both budgets, then reserve in both, or in neither (one process: nothing runs in
         between). `tokens` >= 1; budgets must be on."""
+        if self.overall is None:  # one budget: its reserve is all or nothing by itself
+            mine = self.caller.reserve(key, tokens)  # type: ignore[union-attr]
+            if not mine.allowed:
+                return Verdict(mine, "caller"), None
+            return Verdict(mine), Ticket(key, tokens, mine.bucket)
         verdict = self.peek(key, tokens)
         assert verdict is not None
         if verdict.refused_by is not None:
