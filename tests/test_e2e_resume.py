@@ -43,6 +43,7 @@ def serve(tmp: Any, fake: FakeUpstream, **env: str) -> Server:
         "RATELIMIT_PER_MINUTE": "100000",
         "RATELIMIT_PER_HOUR": "100000",
         "RATELIMIT_PER_DAY": "100000",
+        "TOKENS_PER_DAY": "0",  # hundreds of streams from one caller (budgets: test_e2e_budgets*.py)
     }
     return start_server(tmp, **{**settings, **env})
 

@@ -58,6 +58,7 @@ def pair(
         "RATELIMIT_PER_MINUTE": "100000",
         "RATELIMIT_PER_HOUR": "100000",
         "RATELIMIT_PER_DAY": "100000",
+        "TOKENS_PER_DAY": "0",  # hundreds of streams from one caller (budgets: test_e2e_budgets*.py)
     }
     servers = [start_server(tmp_path_factory.mktemp(name), **env) for name in ("a", "b")]
     try:
