@@ -259,7 +259,9 @@ def test_200_abandoned_streams_leave_no_key_task_or_connection(
         "no stream, task or log left in the worker",
     )
     poll(lambda: not stream_keys(client), RETAIN_S + 5, "every stream key expired after its retention")
-    assert connections() <= conns + 8  # the lookups' bounded pool at most, never one per stream
+    # The lookups' bounded pool (8) at most, and a few more limit-check connections when checks
+    # overlapped (kept idle for reuse): never one per stream (200).
+    assert connections() <= conns + 8 + 8
 
 
 def test_a_stream_ended_by_a_restart_stays_readable_on_another_instance(
