@@ -13,6 +13,7 @@ word once, from one upstream request.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ from playwright.sync_api import (  # noqa: E402
 from cut_proxy import CutProxy  # noqa: E402
 from fake_upstream import FakeUpstream  # noqa: E402
 from server import ROOT, Server, poll, start_server, stop_server  # noqa: E402
+from sse_client import events, open_stream  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -93,6 +95,39 @@ def echo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def limited_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One chat request per minute."""
     yield from _serve(tmp_path_factory, "browser-limited", {"RATELIMIT_PER_MINUTE": "1"})
+
+
+@pytest.fixture(scope="module")
+def budget_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A token budget with room for many echo answers (each holds MAX_TOKENS=1000 back while it runs)."""
+    yield from _serve(tmp_path_factory, "browser-budget", {**UNLIMITED, "TOKENS_PER_DAY": "50000"})
+
+
+@pytest.fixture(scope="module")
+def budget_openai_server(tmp_path_factory: pytest.TempPathFactory, fake: FakeUpstream) -> Iterator[Server]:
+    """A token budget with room for one request at a time (each holds MAX_TOKENS=1000 back while it
+    runs, and a question costs about 1100 at most), OpenAI against the fake, echo still on."""
+    env = {
+        "OPENAI_API_KEY": OPENAI_KEY,
+        "OPENAI_BASE_URL": fake.openai_base_url,
+        "UPSTREAM_MAX_RETRIES": "0",
+        "WORKERS": "1",
+        "TOKENS_PER_DAY": "2000",
+        **UNLIMITED,
+    }
+    yield from _serve(tmp_path_factory, "browser-budget-openai", env)
+
+
+@pytest.fixture(scope="module")
+def spent_budget_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A token budget of 1: no message can ever fit in it, so the first one is refused."""
+    yield from _serve(tmp_path_factory, "browser-spent", {**UNLIMITED, "TOKENS_PER_DAY": "1"})
+
+
+@pytest.fixture(scope="module")
+def unbudgeted_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Token budgets off (TOKENS_PER_DAY=0)."""
+    yield from _serve(tmp_path_factory, "browser-unbudgeted", {**UNLIMITED, "TOKENS_PER_DAY": "0"})
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +199,44 @@ def ask_openai(page: Page, server: Server | str, text: str) -> None:
     say(page, text)
 
 
+def is_chat_post(response: Response) -> bool:
+    """The answer to POST /api/chat/stream (its head: the body may still be streaming)."""
+    return response.request.method == "POST" and response.url.endswith("/api/chat/stream")
+
+
+def token_budget(server: Server) -> dict[str, int] | None:
+    """The `tokens` block of GET /api/rate-limit (null when budgets are off), as this test sees it."""
+    status, _, body = server.request("GET", "/api/rate-limit")
+    assert status == 200, body
+    return json.loads(body)["tokens"]
+
+
+def refunded(server: Server, held: int) -> dict[str, int]:
+    """The `tokens` block once more than `held` tokens are left (the answer's unused reservation back)."""
+
+    def check() -> dict[str, int] | None:
+        tokens = token_budget(server)
+        return tokens if tokens and tokens["remaining"] > held else None
+
+    return poll(check, 5, f"more than {held} tokens left")
+
+
+def tokens_left(n: int) -> str:
+    """What the page's budget display says with `n` tokens left."""
+    return f"{n:,} token{'' if n == 1 else 's'} left today"
+
+
+def human_duration(seconds: int) -> str:
+    """app.js's humanDuration: "45 s", "12 min", "3 h 12 min" (minutes rounded up)."""
+    if seconds < 60:
+        return f"{max(1, seconds)} s"
+    minutes = -(-seconds // 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    h, m = divmod(minutes, 60)
+    return f"{h} h {m} min" if m else f"{h} h"
+
+
 STREAM_PATH = re.compile(r"/api/chat/stream/(chat_[^/?]+)$")
 STOP_PATH = re.compile(r"/api/chat/stream/(chat_[^/?]+)/stop$")
 
@@ -196,6 +269,10 @@ class Problems:
     def _console(self, msg: ConsoleMessage) -> None:
         if msg.type == "error":
             self.items.append(f"console.error: {msg.text} @ {msg.location}")
+
+    def besides_refusals(self) -> list[str]:
+        """Everything but Chromium's own note of a refused request ("Failed to load resource: ... 429")."""
+        return [p for p in self.items if "the server responded with a status of 429" not in p]
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +438,169 @@ def test_answers_are_text_never_html(page: Page, echo_server: Server) -> None:
     say_and_answer(page, markup, f"You said: {markup}")
     assert page.locator("#injected").count() == 0
     assert page.locator("#messages b").count() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Token budgets
+# --------------------------------------------------------------------------------------------
+
+
+def test_token_budget_left_is_shown_and_refreshed_after_each_answer(
+    page: Page, budget_server: Server
+) -> None:
+    problems = Problems(page)
+    start = token_budget(budget_server)
+    assert start is not None and start["limit"] == 50000, start
+    open_ready(page, budget_server)
+    budget = page.locator("#budget")
+    expect(budget).to_be_visible()
+    expect(budget).to_have_text(tokens_left(start["remaining"]))  # from /api/rate-limit, before any message
+    expect(budget).to_have_attribute("data-spent", "false")
+    expect(budget).to_have_attribute("title", re.compile(r"today of 50,000\."))
+
+    left = start["remaining"]
+    for question in ("count my tokens", "and these too, please"):
+        with page.expect_response(is_chat_post) as chat:
+            say_and_answer(page, question, f"You said: {question}")
+        headers = chat.value.headers
+        assert headers["x-tokenbudget-limit"] == "50000", headers
+        held = int(headers["x-tokenbudget-remaining"])  # after holding back the request's worst case
+        # The answer used far less than its MAX_TOKENS: the rest came back when it ended...
+        now = refunded(budget_server, held)
+        assert held < now["remaining"] < left, (held, now, left)
+        # ...and the page, which asked /api/rate-limit again, shows what the server says.
+        expect(budget).to_have_text(tokens_left(now["remaining"]))
+        expect(budget).to_have_attribute("data-spent", "false")
+        left = now["remaining"]
+
+    page.reload()
+    wait_state(page, "ready")
+    expect(budget).to_have_text(tokens_left(left))
+    assert problems.items == []
+
+
+def test_a_used_up_token_budget_says_when_to_try_again(
+    page: Page, budget_openai_server: Server, fake: FakeUpstream
+) -> None:
+    server = budget_openai_server
+    fake.reset()
+    paced_words(fake, 200, 0.05)  # a 10 s answer, holding its reservation all along
+    problems = Problems(page)
+    open_ready(page, server)
+    page.select_option("#provider", "echo")
+    budget = page.locator("#budget")
+    expect(budget).to_have_text(tokens_left(2000))
+
+    # The same caller (this machine's address) has a long answer running elsewhere: most of the
+    # budget is held back for it, and the page's question does not fit in the rest.
+    other = open_stream(server, {"message": "a long answer elsewhere", "provider": "openai"})
+    with other.sock:
+        status_code, headers = other.read_head()
+        assert status_code == 200, status_code
+        held = int(headers["x-tokenbudget-remaining"])
+        chat_id = json.loads(events(other.read_events(1))[0].data)["id"]
+
+        with page.expect_response(is_chat_post) as chat:
+            say(page, "my turn")
+        refusal = chat.value
+        assert refusal.status == 429, refusal.status
+        assert refusal.json()["error"]["code"] == "budget_exceeded"
+        wait = int(refusal.headers["retry-after"])
+        status = page.locator("#status")
+        expect(status).to_have_text(f"Today's token budget is used up. Try again in {human_duration(wait)}.")
+        expect(status).to_have_attribute("data-kind", "error")
+        wait_state(page, "ready")
+        expect(page.locator(ASSISTANT)).to_have_count(0)
+        expect(page.locator(f"{USER}.failed")).to_have_text(["my turn"])
+        expect(page.locator("#message")).to_have_value("my turn")
+        # The display shows what is left, as the server says, marked as not enough.
+        expect(budget).to_have_text(tokens_left(token_budget(server)["remaining"]))
+        expect(budget).to_have_attribute("data-spent", "true")
+        expect(budget).to_have_attribute("title", re.compile("cannot cover another message"))
+
+        # The other answer is stopped: what it held back and did not use comes back...
+        assert server.post_json(f"/api/chat/stream/{chat_id}/stop", {})[0] == 200
+        fake.wait_for(lambda recs: [r for r in recs if r["client_gone"]], timeout=5)
+    refunded(server, held)
+
+    # ...and the question, offered again, goes through.
+    page.press("#message", "Enter")
+    expect(page.locator(ASSISTANT).last).to_have_text("You said: my turn")
+    wait_state(page, "ready")
+    expect(page.locator("#status")).to_have_text("")
+    expect(budget).to_have_text(tokens_left(token_budget(server)["remaining"]))
+    expect(budget).to_have_attribute("data-spent", "false")
+    assert problems.besides_refusals() == []
+
+
+def test_a_message_larger_than_the_whole_token_budget_says_so(
+    page: Page, spent_budget_server: Server
+) -> None:
+    problems = Problems(page)
+    open_ready(page, spent_budget_server)
+    budget = page.locator("#budget")
+    expect(budget).to_have_text("1 token left today")
+
+    with page.expect_response(is_chat_post) as chat:
+        say(page, "a question no budget of 1 token covers")
+    refusal = chat.value
+    assert refusal.status == 429, refusal.status
+    assert refusal.json()["error"]["code"] == "budget_exceeded"
+    # Nothing of the budget is used, yet the question is refused: waiting would not help.
+    status = page.locator("#status")
+    expect(status).to_have_text(
+        "This message needs more tokens than the whole daily token budget (1 token). "
+        "Start a new chat or send a shorter message."
+    )
+    expect(status).to_have_attribute("data-kind", "error")
+    wait_state(page, "ready")
+    # Not answered: no assistant bubble, the question is marked and offered again.
+    expect(page.locator(ASSISTANT)).to_have_count(0)
+    expect(page.locator(f"{USER}.failed")).to_have_text(["a question no budget of 1 token covers"])
+    expect(page.locator("#message")).to_have_value("a question no budget of 1 token covers")
+    # The budget display says it cannot cover a message, with what the server has left.
+    tokens = token_budget(spent_budget_server)
+    assert tokens is not None and tokens["limit"] == 1, tokens
+    expect(budget).to_have_text(tokens_left(tokens["remaining"]))
+    expect(budget).to_have_attribute("data-spent", "true")
+    expect(budget).to_have_attribute("title", re.compile("cannot cover another message"))
+    assert problems.besides_refusals() == []
+
+
+def test_no_token_budget_display_when_budgets_are_off(page: Page, unbudgeted_server: Server) -> None:
+    assert token_budget(unbudgeted_server) is None
+    open_ready(page, unbudgeted_server)
+    with page.expect_response(is_chat_post) as chat:
+        say_and_answer(page, "no budget here", "You said: no budget here")
+    assert "x-tokenbudget-remaining" not in chat.value.headers
+    expect(page.locator("#quota")).to_have_text(re.compile(r"^\d+(/\d+)? left$"))
+    expect(page.locator("#budget")).to_be_hidden()
+    expect(page.locator("#budget")).to_have_text("")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.2, "1 s"),
+        (1, "1 s"),
+        (59, "59 s"),
+        (60, "1 min"),
+        (61, "2 min"),
+        (3599, "1 h"),
+        (3600, "1 h"),
+        (11_520, "3 h 12 min"),
+        (11_521, "3 h 13 min"),
+        (86_400, "24 h"),
+    ],
+)
+def test_budget_wait_is_said_in_s_min_h(page: Page, echo_server: Server, seconds: float, text: str) -> None:
+    page.goto(url(echo_server))
+    got = page.evaluate(
+        "async (s) => (await import('/static/app.js')).humanDuration(s)",
+        seconds,
+    )
+    assert got == text
+    assert human_duration(int(seconds)) == text  # the test's copy agrees
 
 
 # --------------------------------------------------------------------------------------------

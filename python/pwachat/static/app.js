@@ -139,15 +139,30 @@ function retryAfter(res) {
   return Number.isFinite(s) ? Math.max(1, s) : null;
 }
 
+// A wait as people say it: "45 s", "12 min", "3 h 12 min" (minutes rounded up).
+export function humanDuration(seconds) {
+  const s = Math.max(1, Math.ceil(seconds));
+  if (s < 60) return `${s} s`;
+  const minutes = Math.ceil(s / 60);
+  if (minutes < 60) return `${minutes} min`;
+  const h = Math.floor(minutes / 60);
+  const m = minutes % 60;
+  return m ? `${h} h ${m} min` : `${h} h`;
+}
+
 // A readable line for a non-2xx answer: the contract's envelope carries `error.message`.
 async function errorText(res) {
   let message = '';
+  let code = '';
   try {
-    message = (await res.json())?.error?.message || '';
+    const error = (await res.json())?.error;
+    message = typeof error?.message === 'string' ? error.message : '';
+    code = typeof error?.code === 'string' ? error.code : '';
   } catch {
     // Not JSON (a proxy's HTML page, say): fall back to the status line.
   }
   const wait = retryAfter(res);
+  if (res.status === 429 && code === 'budget_exceeded') return budgetRefusal(res, wait);
   if (res.status === 429) return wait ? `Rate limit reached — try again in ${wait} s` : 'Rate limit reached — try again later';
   if (res.status === 401) {
     ui.settings.open = true; // the token field is the way out
@@ -163,9 +178,73 @@ function showQuota(remaining, limit, reset) {
   ui.quota.title = `Requests left in the tightest rate-limit window${reset ? `; a slot frees in ${reset} s` : ''}`;
 }
 
+// The token budget (input + output tokens over a sliding day), beside the request quota. Shown
+// only while the server has budgets on: its chat answers carry X-TokenBudget-*, and
+// /api/rate-limit says `"tokens": null` when they are off.
+const budget = { remaining: null, limit: null, spentUntil: 0, timer: 0 };
+
+function showBudget(remaining, limit) {
+  const n = Number.parseInt(remaining, 10);
+  if (!Number.isFinite(n)) {
+    budget.remaining = null;
+    ui.budget.hidden = true;
+    ui.budget.textContent = '';
+    delete ui.budget.dataset.spent;
+    return;
+  }
+  const max = Number.parseInt(limit, 10);
+  budget.remaining = Math.max(0, n);
+  budget.limit = Number.isFinite(max) ? max : null;
+  paintBudget();
+}
+
+function paintBudget() {
+  if (budget.remaining === null) return;
+  const n = budget.remaining;
+  const spent = n === 0 || Date.now() < budget.spentUntil;
+  ui.budget.hidden = false;
+  ui.budget.textContent = `${n.toLocaleString('en')} token${n === 1 ? '' : 's'} left today`;
+  ui.budget.dataset.spent = String(spent);
+  const of = budget.limit ? ` of ${budget.limit.toLocaleString('en')}` : '';
+  ui.budget.title = spent
+    ? `Today's token budget cannot cover another message (${n.toLocaleString('en')}${of} tokens left). ` +
+      'Tokens used over the last 24 hours come back as they age.'
+    : `Tokens (question, history and answer together) you can still use today${of}. ` +
+      'While an answer is written its longest possible length is held back; what it leaves unused comes back.';
+}
+
+// A 429 budget_exceeded (the caller's budget, or the whole deployment's: its headers are the one
+// that refused). Refused with nothing of it used means this message alone is more than the whole
+// budget, and waiting will not help; otherwise Retry-After says when enough of it has come back.
+function budgetRefusal(res, wait) {
+  const limit = Number.parseInt(res.headers.get('X-TokenBudget-Limit'), 10);
+  const left = Number.parseInt(res.headers.get('X-TokenBudget-Remaining'), 10);
+  budgetSpent(wait);
+  if (Number.isFinite(limit) && Number.isFinite(left) && left >= limit) {
+    const whole = `${limit.toLocaleString('en')} token${limit === 1 ? '' : 's'}`;
+    return `This message needs more tokens than the whole daily token budget (${whole}). ` +
+      'Start a new chat or send a shorter message.';
+  }
+  return `Today's token budget is used up. ${wait ? `Try again in ${humanDuration(wait)}.` : 'Try again later.'}`;
+}
+
+// The display says "spent" until Retry-After has passed or a message is admitted.
+function budgetSpent(wait) {
+  const ms = (wait ?? 60) * 1000;
+  budget.spentUntil = Date.now() + ms;
+  clearTimeout(budget.timer);
+  budget.timer = setTimeout(paintBudget, Math.min(ms + 50, 2 ** 31 - 1));
+  paintBudget();
+}
+
 function quotaFromHeaders(res) {
   const h = (name) => res.headers.get(name);
   showQuota(h('X-RateLimit-Remaining'), h('X-RateLimit-Limit'), h('X-RateLimit-Reset'));
+  // Absent on answers refused before the budget is looked at (400, 401, the request rate limit):
+  // those leave the display as it was; /api/rate-limit, read after every answer, has the last word.
+  if (h('X-TokenBudget-Remaining') === null) return;
+  if (res.ok) budget.spentUntil = 0; // admitted: the budget covered this message
+  showBudget(h('X-TokenBudget-Remaining'), h('X-TokenBudget-Limit'));
 }
 
 // GET /api/rate-limit is not itself limited, so the quota can show before the first message.
@@ -173,9 +252,10 @@ async function refreshQuota() {
   try {
     const res = await fetch('/api/rate-limit', { headers: authHeaders(), cache: 'no-store' });
     if (!res.ok) return;
-    const { limits = {}, remaining = {}, reset_s: reset = {} } = await res.json();
+    const { limits = {}, remaining = {}, reset_s: reset = {}, tokens = null } = await res.json();
     const tightest = Object.keys(remaining).sort((a, b) => remaining[a] - remaining[b])[0];
     if (tightest) showQuota(remaining[tightest], limits[tightest], reset[tightest]);
+    showBudget(tokens?.remaining, tokens?.limit); // null: budgets are off, the display goes
   } catch {
     // Only decoration: the models probe reports an unreachable backend.
   }
@@ -480,6 +560,7 @@ function stop() {
 function end(turn) {
   clearTimeout(turn.stopTimer);
   if (leaving) return; // the next page resumes from what was saved
+  refreshQuota(); // the part of the token reservation the answer did not use has come back
   clearTimeout(turn.saveTimer);
   if (turn.detached) {
     cancelAnimationFrame(turn.frame);
@@ -574,7 +655,7 @@ function main() {
   ui = {
     provider: $('provider'), model: $('model'), message: $('message'), send: $('send'), stop: $('stop'),
     newChat: $('new-chat'), messages: $('messages'), status: $('status'), quota: $('quota'),
-    retry: $('retry'), form: $('composer'), token: $('token'), settings: $('settings'),
+    budget: $('budget'), retry: $('retry'), form: $('composer'), token: $('token'), settings: $('settings'),
   };
   history = load(KEY.history, []);
   history = Array.isArray(history) ? history.filter(isTurn) : [];
@@ -611,6 +692,7 @@ function main() {
   ui.model.addEventListener('change', rememberChoice);
   ui.token.addEventListener('change', () => {
     save(KEY.token, ui.token.value.trim());
+    budget.spentUntil = 0; // another token is another caller, with a budget of its own
     loadModels();
   });
   // A phone that loses its network may keep a dead connection open for minutes: let go of it at
