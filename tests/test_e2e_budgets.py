@@ -291,3 +291,24 @@ def test_a_stream_whose_reader_left_before_it_was_committed_costs_nothing(
     fake.wait_for(lambda rs: rs and rs[0]["finished_at"] is not None, timeout=10)
     poll(lambda: remaining(srv) == 100000, 5, "the reservation given back")
     assert budget_metric(srv, "settled") == 0
+
+
+def test_with_redis_the_budget_is_settled_as_the_answer_ends(
+    make: Any, fake: FakeUpstream, tmp_path: Any
+) -> None:
+    # Settles reach Redis in batches; the worker's own view counts those not sent yet, so a client
+    # asking right on `done` (the PWA does) sees what the answer used, never the reservation.
+    from redis_server import RedisServer
+
+    redis = RedisServer(tmp_path).start()
+    try:
+        srv = make(TOKENS_PER_DAY="100000", REDIS_URL=redis.url)
+        fake.behave("openai", input_tokens=20, output_tokens=10, deltas=DELTAS)
+        for n in range(1, 6):
+            reader = open_stream(srv, {"message": "settle me", "provider": "openai"})
+            with reader.sock:
+                assert reader.read_head()[0] == 200
+                assert events(reader.read_rest())[-1].name == "done"
+            assert remaining(srv) == 100000 - 30 * n
+    finally:
+        redis.stop()

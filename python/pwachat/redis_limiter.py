@@ -664,6 +664,8 @@ class RedisBackend:
         spent = raw[n + 2 :]
         if any(type(v) is not int for v in spent):
             raise TypeError
+        if self.deltas or self._delta_batch is not None:
+            spent = self._with_unsent(key, raw[1] // (DAY_S * 1000), spent)
         verdict, ticket = budgets.sync(key, at, tuple(spent), tokens, status == "admitted")  # type: ignore[arg-type]
         if status == "limited" or tokens == 0:
             return Admission(decision, verdict if tokens == 0 else None)
@@ -699,6 +701,16 @@ class RedisBackend:
             self._watchdog = loop.call_at(now + WATCH_TICK_S, self._watch, now + WATCH_TICK_S)
         else:
             self._watchdog = None
+
+    def _with_unsent(self, key: str, bucket: int, spent: list[int]) -> list[int]:
+        """Redis's budget counts plus this process's changes not yet sent (settles wait up to
+        SETTLE_INTERVAL_S): a caller asking `/api/rate-limit` as its answer ends sees it settled."""
+        batch = dict(self._delta_batch[1]) if self._delta_batch is not None else {}
+        entries = ((key, bucket - 1), (key, bucket), (GLOBAL_KEY, bucket - 1), (GLOBAL_KEY, bucket))
+        return [
+            max(0, count + self.deltas.get(entry, 0) + batch.get(entry, 0))
+            for count, entry in zip(spent, entries, strict=True)
+        ]
 
     async def hit(self, key: str) -> Decision:
         return (await self.admit(key, 0)).decision

@@ -263,6 +263,17 @@ class EventStream:
         self.upstream: ProviderStream | None = None
         self.log: StreamLog | None = None
 
+    def _charge(self, stream: ProviderStream | None) -> None:
+        """The token reservation replaced by what was used (once; later calls do nothing): before
+        the terminal event goes out, so that a client asking `/api/rate-limit` on it sees it."""
+        fields = self.fields
+        if stream is None or ("error" in fields and not fields.get("output_chars")):
+            self.settle(0)  # the provider failed (or was stopped) before producing anything
+            return
+        if "input_tokens" not in fields:  # ended otherwise than done: what was used so far
+            _usage(stream, fields)
+        self.settle(fields["input_tokens"] + fields["output_tokens"])
+
     def _cancel_generation(self) -> None:
         """The log's `control`: close the provider request now (a stop, the grace over), which
         wakes the relay; it then ends the log with `done` `cancelled`."""
@@ -334,12 +345,8 @@ class EventStream:
                 abandon(self.opening)  # still waiting for the head
             elif stream is None and not self.opening.cancelled() and self.opening.exception() is None:
                 stream = self.opening.result()
-            if stream is None or ("error" in fields and not fields.get("output_chars")):
-                self.settle(0)  # the provider failed (or was stopped) before producing anything
-            else:
-                if "input_tokens" not in fields:  # ended otherwise than done: what was used so far
-                    _usage(stream, fields)
-                self.settle(fields["input_tokens"] + fields["output_tokens"])
+            self._charge(stream)  # (done before the terminal event, unless cancelled from outside)
+            if stream is not None:
                 await stream.aclose()
 
     async def _relay(self, send: Any, enc: SseEncoder) -> ProviderStream | None:
@@ -427,6 +434,7 @@ class EventStream:
                 usage = _usage(stream, fields)
                 METRICS.provider_call(self.provider, self.model, "", time.monotonic() - self.started)
                 METRICS.token_usage(self.provider, self.model, usage.input_tokens, usage.output_tokens)
+                self._charge(stream)
                 pending.append(enc.event("done", _encode(DoneEvent(stream.finish_reason, usage))))
                 await flush(False)
                 return stream
@@ -470,6 +478,7 @@ class EventStream:
         else:
             usage = Usage(0, 0)
         self.fields.update(finish_reason=finish, stop_reason=reason)
+        self._charge(stream)
         pending.append(enc.event("done", _encode(DoneEvent(finish, usage))))
         await flush(False)
         return stream
@@ -484,6 +493,7 @@ class EventStream:
         if isinstance(err, ProviderError):
             METRICS.upstream_error(self.provider, err.code)
         METRICS.provider_call(self.provider, self.model, err.code, time.monotonic() - self.started)
+        self._charge(stream)
         pending.append(enc.event("error", error_body(err.code, err.message, self.request_id)))
         await flush(False)
         return stream

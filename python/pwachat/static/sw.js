@@ -5,7 +5,7 @@
 
 // Bump with every change to a shell file: cache-first means clients see new files only when
 // this file changes (browsers re-check /sw.js on navigation) and a new cache is filled.
-const VERSION = 'v3';
+const VERSION = 'v4';
 const PREFIX = 'pwachat-shell-';
 const CACHE = PREFIX + VERSION;
 const SHELL = [
