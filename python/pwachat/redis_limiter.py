@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import math
 import secrets
@@ -791,6 +792,11 @@ class RedisBackend:
                         await self._send_deltas()
                 except (RedisError, OSError, TimeoutError, BadReply) as err:
                     self._failed(err)
+                except Exception:  # a bug: logged, and the next settle starts the flusher again
+                    log.exception(
+                        "sending budget settles to Redis failed", extra={"event": "budget_flush_error"}
+                    )
+                    return
         finally:
             self._flusher = None
 
@@ -802,7 +808,7 @@ class RedisBackend:
                 deltas = self.deltas
                 if not deltas:
                     return
-                take = [next(iter(deltas)) for _ in range(min(REPLAY_BATCH, len(deltas)))]
+                take = list(itertools.islice(deltas, REPLAY_BATCH))  # the oldest first
                 self._delta_batch = (
                     REPLAY_TOKEN_PREFIX + secrets.token_hex(16),
                     [(entry, deltas.pop(entry)) for entry in take],
@@ -932,7 +938,7 @@ class RedisBackend:
             self._bad_reply_logged = False
             self._reconnect = None
             log.warning("Redis reachable again; global limiting resumed", extra={"event": "redis_up"})
-            if self.deltas and self._flusher is None:
+            if (self.deltas or self._delta_batch is not None) and self._flusher is None:
                 self._flusher = asyncio.get_running_loop().create_task(self._flush_deltas())
             for conn in stale:  # connections from before the outage are dead
                 await conn.disconnect(nowait=True)
