@@ -234,3 +234,68 @@ def test_limits_one_window(benchmark, strategy: str) -> None:  # type: ignore[no
     limiter = _limits(strategy)
     keys = _cycle_keys()
     _checks_per_second(benchmark, lambda: limiter.hit(ITEMS[0], next(keys)))
+
+
+def _budget_settings(redis_url: str, global_budget: bool) -> Settings:
+    return Settings.from_mapping(
+        {
+            "REDIS_URL": redis_url,
+            "RATELIMIT_PER_MINUTE": "1000000000",
+            "RATELIMIT_PER_HOUR": "1000000000",
+            "RATELIMIT_PER_DAY": "1000000000",
+            "TOKENS_PER_DAY": "1000000000000",
+            "TOKENS_GLOBAL_PER_DAY": "1000000000000000" if global_budget else "0",
+        }
+    )
+
+
+@pytest.mark.parametrize("global_budget", [False, True], ids=["caller", "caller+global"])
+def test_budget_redis_cost(loop, redis: RedisServer, global_budget: bool) -> None:  # type: ignore[no-untyped-def]
+    """Issue #14's budget: what Redis adds per admitted request with budgets on (the admission,
+    reserving 1,050 tokens, and its settle to 30, the settles' batches included) against what it
+    adds to the request limit check alone (budgets off: `hit`), each as Redis minus memory://
+    driven the same way, in one run: rounds of 200 requests, the four kinds interleaved, medians of
+    the rounds' means (a round's mean carries the batched settles' share). Two measures: this
+    process's CPU per request (what a server core pays; redis-server's own CPU is not in it) and
+    the wall time per sequential request (the round trip's latency included)."""
+    backends = {
+        "off memory": MemoryBackend(_settings()),
+        "off redis": RedisBackend(_settings(redis.url)),
+        "on memory": MemoryBackend(_budget_settings("memory://", global_budget)),
+        "on redis": RedisBackend(_budget_settings(redis.url, global_budget)),
+    }
+    for backend in backends.values():
+        loop.run_until_complete(backend.start())
+    keys = itertools.cycle([f"ip:198.51.100.{i}" for i in range(64)])
+
+    async def round_of(name: str, n: int = 200) -> tuple[float, float]:
+        backend = backends[name]
+        wall, cpu = time.perf_counter_ns(), time.process_time_ns()
+        if name.startswith("off"):
+            for _ in range(n):
+                assert (await backend.hit(next(keys))).allowed
+        else:
+            for _ in range(n):
+                admission = await backend.admit(next(keys), 1050)
+                assert admission.allowed and admission.ticket is not None
+                backend.settle(admission.ticket, 30)
+        return (time.process_time_ns() - cpu) / n / 1000, (time.perf_counter_ns() - wall) / n / 1000
+
+    rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in backends}
+    for i in range(100):
+        order = list(backends) if i % 2 == 0 else list(reversed(backends))
+        for name in order:
+            rounds[name].append(loop.run_until_complete(round_of(name)))
+    what = "caller and global" if global_budget else "caller"
+    for index, measure in ((0, "CPU"), (1, "wall time")):
+        med = {name: sorted(r[index] for r in v)[len(v) // 2] for name, v in rounds.items()}
+        off = med["off redis"] - med["off memory"]
+        on = med["on redis"] - med["on memory"]
+        print(
+            f"\n{measure} per admitted request (median of 100 rounds' means): "
+            + ", ".join(f"{name} {value:.1f} us" for name, value in med.items())
+            + f"\n  Redis's {measure}: limits alone {off:.1f} us, with budgets ({what}) {on:.1f} us: "
+            f"ratio {on / off:.3f} (budget <= 1.10)"
+        )
+    for backend in backends.values():
+        loop.run_until_complete(backend.aclose())

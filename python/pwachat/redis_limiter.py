@@ -101,7 +101,7 @@ GLOBAL_BUDGET_KEY = "pwachat:budget:global"
 #: Settles (and reservations made during an outage) wait this long to go to Redis together: one
 #: replay call for every request that ended meanwhile. Until then Redis counts the reservation,
 #: which errs towards refusing.
-SETTLE_INTERVAL_S = 0.01
+SETTLE_INTERVAL_S = 0.05
 #: A budget refusal from Redis is repeated locally, with no round trip, for this long: a flood
 #: from a spent caller costs Redis one call a second. (Longer could refuse a caller that settles
 #: made elsewhere have given tokens back.)
@@ -488,6 +488,10 @@ class RedisBackend:
         # settles, and of reservations made while it was away), sent in batches by `_flush_deltas`,
         # the batch in flight kept with its token until Redis confirms it (as `pending`).
         self.deltas: dict[tuple[str, int], int] = {}
+        # Which of (the caller's, the deployment's) budgets are on, as a slice of that pair.
+        self._delta_slice = slice(
+            0 if settings.tokens_per_day else 1, 2 if settings.tokens_global_per_day else 1
+        )
         self._delta_batch: tuple[str, list[tuple[tuple[str, int], int]]] | None = None
         self._flusher: asyncio.Task[None] | None = None
         # Keys (a caller, or GLOBAL_KEY) whose budget Redis refused, until when that is trusted.
@@ -662,10 +666,8 @@ class RedisBackend:
         budgets = self.budgets
         if not budgets.on:
             return Admission(decision)
-        spent = raw[n + 2 :]
-        if any(type(v) is not int for v in spent):
-            raise TypeError
-        if self.deltas or self._delta_batch is not None:
+        spent = raw[n + 2 :]  # (`sync` raises TypeError for anything but a count)
+        if tokens == 0 and (self.deltas or self._delta_batch is not None):
             spent = self._with_unsent(key, raw[1] // (DAY_S * 1000), spent)
         verdict, ticket = budgets.sync(key, at, tuple(spent), tokens, status == "admitted")  # type: ignore[arg-type]
         if status == "limited" or tokens == 0:
@@ -765,12 +767,7 @@ class RedisBackend:
 
     def _add_delta(self, ticket: Ticket, delta: int) -> None:
         deltas = self.deltas
-        keys = []
-        if self.budgets.caller is not None:
-            keys.append((ticket.key, ticket.bucket))
-        if self.budgets.overall is not None:
-            keys.append((GLOBAL_KEY, ticket.bucket))
-        for entry in keys:
+        for entry in ((ticket.key, ticket.bucket), (GLOBAL_KEY, ticket.bucket))[self._delta_slice]:
             now = deltas.get(entry)
             if now is None and len(deltas) >= self.max_pending:
                 del deltas[next(iter(deltas))]  # the oldest: memory bound over a long outage
@@ -789,7 +786,7 @@ class RedisBackend:
                     return
                 try:
                     async with asyncio.timeout(REPLAY_TIMEOUT_S):
-                        await self._send_deltas()
+                        await self._send_deltas(only_now=True)
                 except (RedisError, OSError, TimeoutError, BadReply) as err:
                     self._failed(err)
                 except Exception:  # a bug: logged, and the next settle starts the flusher again
@@ -800,14 +797,18 @@ class RedisBackend:
         finally:
             self._flusher = None
 
-    async def _send_deltas(self) -> None:
-        """Every budget change not yet in Redis, in batches of `REPLAY_BATCH`, each applied once
-        (the replay script and its token). Raises as redis-py does; what was not confirmed stays."""
+    async def _send_deltas(self, only_now: bool = False) -> None:
+        """Every budget change not yet in Redis (with `only_now`, those there when it is called:
+        what settles while a batch is on its way waits for the next interval, or each round trip
+        would carry one settle), in batches of `REPLAY_BATCH`, each applied once (the replay
+        script and its token). Raises as redis-py does; what was not confirmed stays."""
+        left = len(self.deltas) if only_now else -1
         while True:
             if self._delta_batch is None:
                 deltas = self.deltas
-                if not deltas:
+                if not deltas or left == 0:
                     return
+                left = max(0, left - REPLAY_BATCH) if only_now else -1
                 take = list(itertools.islice(deltas, REPLAY_BATCH))  # the oldest first
                 self._delta_batch = (
                     REPLAY_TOKEN_PREFIX + secrets.token_hex(16),
