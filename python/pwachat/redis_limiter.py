@@ -501,6 +501,7 @@ class RedisBackend:
         self._probe_key = "pwachat:rlprobe:" + secrets.token_hex(8)
         self.up = False
         self._timeouts = 0
+        self._last_strike = -math.inf  # loop time of the last timeout counted as a strike
         self._last_reply = 0.0
         self._last_probe = -math.inf
         self._bad_reply_logged = False
@@ -777,8 +778,9 @@ class RedisBackend:
 
     async def _flush_deltas(self) -> None:
         """While Redis is up: every SETTLE_INTERVAL_S, what has been settled meanwhile, in one call.
-        A failed call is kept (its batch sent again, under its token) and counts as a check's
-        failure would; while Redis is down the reconnect loop sends it before resuming."""
+        A failed call is kept (its batch sent again, under its token); a refused or broken
+        connection is an outage, as for a check (a slow answer is left to the checks' strikes);
+        while Redis is down the reconnect loop sends what is left once it is back."""
         try:
             while (self.deltas or self._delta_batch is not None) and self.up and not self._closing:
                 await asyncio.sleep(SETTLE_INTERVAL_S)
@@ -787,7 +789,9 @@ class RedisBackend:
                 try:
                     async with asyncio.timeout(REPLAY_TIMEOUT_S):
                         await self._send_deltas(only_now=True)
-                except (RedisError, OSError, TimeoutError, BadReply) as err:
+                except (TimeoutError, RedisTimeoutError):
+                    continue  # kept, sent again; checks and the probe tell a hung Redis (strikes)
+                except (RedisError, OSError, BadReply) as err:
                     self._failed(err)
                 except Exception:  # a bug: logged, and the next settle starts the flusher again
                     log.exception(
@@ -890,9 +894,14 @@ class RedisBackend:
         # A refused or broken connection, or a refused write, is an outage at once. A lone timeout
         # (of a command or of connecting) may be this process's own event loop lagging under load
         # rather than Redis: that request is decided locally, and only STRIKES timeouts in a row (a
-        # hung Redis makes them back to back) mean an outage.
+        # hung Redis makes them back to back) mean an outage. Checks timed out together (the
+        # watchdog ends every overdue one in the same tick: a burst on a cold worker) are one stall,
+        # one strike.
         if isinstance(err, (TimeoutError, RedisTimeoutError)):
-            self._timeouts += 1
+            now = asyncio.get_running_loop().time()
+            if now - self._last_strike >= REDIS_TIMEOUT_S / 2:
+                self._timeouts += 1
+                self._last_strike = now
             if self._timeouts < STRIKES:
                 log.info("Redis call timed out; decided locally", extra={"event": "redis_timeout"})
                 return
