@@ -298,6 +298,9 @@ def test_the_directory_goes_with_the_instance(tmp_path: Path) -> None:
     srv = start_server(tmp_path, WORKERS="2", TMPDIR=str(tmp_path))
     (directory,) = tmp_path.glob("pwachat-metrics-*")
     poll(lambda: len(list(directory.glob("worker-*.bin"))) == 2, 10, "both workers' files")
+    # A file is made in the worker's lifespan, before Granian counts the worker as started; a
+    # SIGTERM in between leaves Granian waiting on that worker (seen once in CI: killed after 10 s).
+    poll(lambda: srv.output().count("Started worker-") == 2, 10, "both workers started")
     stop_server(srv)
     assert srv.proc.returncode == 0
     assert not directory.exists()
