@@ -254,7 +254,7 @@ end
 return 1
 """
 
-# The allowed flag of a check's reply; anything else is not a reply of the script's.
+# The status of a check's reply (see CHECK_LUA); anything else is not a reply of the script's.
 _STATUS = {1: "admitted", 0: "limited", 2: "caller", 3: "global"}
 
 
@@ -471,7 +471,7 @@ class RedisBackend:
         # `pack_command`, about a tenth of the Python cost of a check).
         limits = [str(v) for q, w in self.windows for v in (q, w * 1000)]
         # The budgets: the deployment's hash is KEYS[2] when its budget is on; the tokens to
-        # reserve are the one argument that differs between checks (`_reserving`).
+        # reserve are the one argument that differs between checks (packed in `admit`).
         self.budgets = LocalBudgets(settings, max_keys=max_keys)
         budget_args = [str(settings.tokens_per_day), str(settings.tokens_global_per_day), str(DAY_S * 1000)]
         more_keys = [GLOBAL_BUDGET_KEY] if settings.tokens_global_per_day else []
